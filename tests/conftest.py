@@ -1,0 +1,45 @@
+"""Shared test helpers: run a script as a user would, and read the scalars it logged."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python <repo>/<script> <args>` in `cwd` on the CPU; fail the test with its output if it fails."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"{script} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                    f"--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_dirs(cwd: Path) -> list[Path]:
+    """The run directories a script created under `cwd/runs/`."""
+    return sorted(Path(p) for p in glob.glob(str(cwd / "runs" / "*")) if os.path.isdir(p))
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalars of the TensorBoard event files under `run_dir`: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(glob.glob(str(run_dir / "**" / "events.out.tfevents.*"), recursive=True)):
+        acc = EventAccumulator(events, size_guidance={"scalars": 0})
+        acc.Reload()
+        prefix = os.path.relpath(os.path.dirname(events), run_dir)
+        for tag in acc.Tags()["scalars"]:
+            key = tag if prefix == "." else f"{prefix}/{tag}"
+            scalars.setdefault(key, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return scalars
