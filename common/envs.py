@@ -11,11 +11,12 @@ What this module adds on top of `safety_gymnasium.make`:
 - `SafeVectorEnv`: wraps a gymnasium vector env so that `step` returns
   `obs, reward, cost, terminated, truncated, info` (cost taken from the right place at auto-reset).
 
-Headless rendering: `MUJOCO_GL=egl` is set when unset, before MuJoCo is imported.
+Headless rendering: `MUJOCO_GL=egl` is set when unset and libEGL exists, before MuJoCo is imported.
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import dataclasses
 import difflib
 import os
@@ -24,10 +25,34 @@ import warnings
 from collections import OrderedDict
 from typing import Callable, Sequence
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the first `import mujoco`
-
-import gymnasium as gym
 import numpy as np
+
+_RENDER_PACKAGES = {
+    "egl": "the Debian packages libegl1 and libgl1-mesa-dri (apt-get install libegl1 libgl1-mesa-dri; "
+    "MUJOCO_GL=egl is then chosen automatically), or an NVIDIA driver with EGL",
+    "osmesa": "the Debian package libosmesa6 (apt-get install libosmesa6)",
+    "glfw": "a display (DISPLAY set) and the Debian package libglfw3, or EGL: the Debian packages libegl1 "
+    "and libgl1-mesa-dri (MUJOCO_GL=egl is then chosen automatically)",
+}
+
+
+def _render_help() -> str:
+    backend = os.environ.get("MUJOCO_GL", "") or "glfw"
+    return _RENDER_PACKAGES.get(backend, "MUJOCO_GL set to one of egl, osmesa, glfw")
+
+
+# Headless rendering: MuJoCo picks its OpenGL backend when it is first imported (gymnasium imports it
+# through its plugins), so MUJOCO_GL must be set before that. EGL is chosen only where libEGL exists:
+# without it, `import mujoco` would fail even for state-only environments.
+if "MUJOCO_GL" not in os.environ and ctypes.util.find_library("EGL"):
+    os.environ["MUJOCO_GL"] = "egl"
+try:
+    import gymnasium as gym
+except (ImportError, AttributeError, OSError) as e:
+    raise ImportError(
+        f"MuJoCo could not load its OpenGL backend MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} ({type(e).__name__}: "
+        f"{e}). Install {_render_help()}; or unset MUJOCO_GL to run state-only environments."
+    ) from e
 
 # --------------------------------------------------------------------------------------------------
 # Import fix and id normalisation
@@ -205,14 +230,6 @@ class DropObservationKeys(gym.ObservationWrapper):
         return obs[self.index]
 
 
-_RENDER_PACKAGES = {
-    "egl": "the Debian packages libegl1 and libgl1-mesa-dri (apt-get install libegl1 libgl1-mesa-dri), "
-    "or an NVIDIA driver with EGL",
-    "osmesa": "the Debian package libosmesa6 (apt-get install libosmesa6)",
-    "glfw": "a display (DISPLAY set) and the Debian package libglfw3",
-}
-
-
 class VisionObservation(gym.ObservationWrapper):
     """Dict observation of a Vision task -> its `vision` image as channel-first uint8 (3, H, W)."""
 
@@ -228,11 +245,10 @@ class VisionObservation(gym.ObservationWrapper):
         try:
             return super().reset(**kwargs)
         except Exception as e:  # the first render creates the OpenGL context
-            backend = os.environ.get("MUJOCO_GL", "")
-            need = _RENDER_PACKAGES.get(backend, "MUJOCO_GL set to one of egl, osmesa, glfw")
             raise RuntimeError(
-                f"Vision observations need headless OpenGL, and rendering with MUJOCO_GL={backend!r} "
-                f"could not start ({type(e).__name__}: {e}). Install {need}."
+                f"Vision observations need headless OpenGL, and rendering with "
+                f"MUJOCO_GL={os.environ.get('MUJOCO_GL', '')!r} could not start ({type(e).__name__}: {e}). "
+                f"Install {_render_help()}."
             ) from e
 
 
