@@ -1,0 +1,630 @@
+"""ActSafe: Active Exploration with Safety Constraints for Reinforcement Learning, from pixels.
+
+Yarden As, Bhavya Sukhija, Lenart Treven, Carmelo Sferrazza, Stelian Coros, Andreas Krause. ICLR 2025.
+arXiv: https://arxiv.org/abs/2410.09486
+
+ActSafe learns a world model that knows what it does not know (here: an RSSM whose transition prior is an
+ensemble, so the members' disagreement is the epistemic uncertainty) and acts in two phases. Expansion: an
+exploration policy maximises the imagined epistemic uncertainty (OPTIMISM: go where the model is unsure) while
+keeping a PESSIMISTIC imagined cost (predicted cost plus alpha times the uncertainty) under the budget. After
+`--exploration-steps` a hard switch hands control to the task policy, trained all along to maximise the
+extrinsic reward under the same pessimistic constraint. Both policies are Dreamer-style actor-critics trained
+by backpropagating lambda-returns through imagined latent trajectories; the constraint is handled by an
+augmented Lagrangian (default) or a log barrier (LBSGD).
+
+Paper -> code (the practical, pixel-based ActSafe of the paper's Section 5 and its appendix; see docs/actsafe.md):
+- the world model (RSSM, ensemble transition prior)       -> `WorldModel`, `common.rssm.RSSM`; its loss in the loop
+- epistemic uncertainty u_t (normalised disagreement)     -> `epistemic_uncertainty()`          (eq. u_t)
+- optimism: intrinsic reward r_explore = scale * u_t      -> `imagined_rewards_and_costs()`
+- pessimism: c_t + alpha * u_t                            -> `pessimistic_cost()`
+- the two phases (expansion, then exploitation)           -> `phase` in the training loop
+- lambda-returns (Dreamer, eq. 6 of Hafner et al. 2020)    -> `lambda_returns()`
+- budget per discounted step = d / T / (1 - gamma)         -> `safety_budget()`
+- augmented Lagrangian (Nocedal & Wright eq. 17.65)       -> `augmented_lagrangian()`, `update_penalty()`
+- log barrier with LBSGD step size (Usmanova et al.)      -> `log_barrier()`, `lbsgd_step_scale()`
+- Algorithm 1 (collect, fit model, plan in the model)     -> the main loop under `if __name__ == "__main__":`
+
+Deviations (reasons in docs/actsafe.md):
+- Safety-Gymnasium (SafetyPointGoal1 from 64x64 first-person pixels) instead of Safe Adaptation Gym.
+- PyTorch instead of JAX; Adam applies the LBSGD-scaled gradient (as the authors' code does); the LBSGD
+  constants m_0, m_1, eta, eta_rate are this script's choice (the notes do not give them).
+- The imagined cost of each member is the cost head applied to that member's prior MEAN (one head call for all
+  members at once); the reward uses the sampled continuing state.
+- An unfinished episode is stored in the replay as a sequence of its own once it holds `--store-chunk` agent
+  steps (default: the whole Safety-Gym episode, so by default nothing changes); this lets tiny runs train.
+- Warm-up actions are uniform in [-1, 1] (the authors' code used [0, 1] by mistake).
+- `--capture-video` is not supported (rendering is the bottleneck on CPU); it is rejected with a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+from common import (
+    ConvDecoder,
+    ConvEncoder,
+    EpisodeBuffer,
+    Logger,
+    check_choice,
+    check_finite,
+    check_positive,
+    finished_episodes,
+    get_device,
+    make_vector_env,
+    mlp,
+    normalize_env_id,
+    seed_everything,
+)
+from common.rssm import RSSM, balanced_kl_loss
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available (the CPU otherwise, with a message)"""
+    capture_video: bool = False
+    """not supported by this script (rendering is the bottleneck); rejected when set"""
+    save_model: bool = False
+    """whether to save the world model and policies into `runs/{run_name}`"""
+
+    # Algorithm specific arguments
+    env_id: str = "SafetyPointGoal1"
+    """the Safety-Gymnasium task; observations are always the 64x64 pixels of its `vision` camera"""
+    total_timesteps: int = 5_000_000
+    """total environment steps (action repeat included)"""
+    num_envs: int = 10
+    """the number of parallel environments"""
+    action_repeat: int = 2
+    """each action is repeated this many environment steps; rewards and costs are summed"""
+    warmup_steps: int = 5000
+    """environment steps of uniform random actions before the first model update"""
+    exploration: str = "optimistic"
+    """'optimistic': ActSafe's expansion phase with the uncertainty as reward; 'greedy': the task policy acts all along"""
+    exploration_steps: int = 500_000
+    """environment steps of the expansion phase (the exploration policy acts), then the task policy acts"""
+    exploration_reward_scale: float = 10.0
+    """the intrinsic reward is this scale times u_t"""
+    epistemic_scale: float = 1.0
+    """s in u_t = 0.5 log(1 + s * disagreement / aleatoric variance)"""
+    pessimism: float = 0.001
+    """alpha in the pessimistic imagined cost c + alpha * u_t (0: no pessimism)"""
+    constraint: str = "lagrangian"
+    """how the cost constraint is handled: 'lagrangian' (augmented Lagrangian), 'lbsgd' (log barrier), 'none'"""
+    cost_limit: float = 25.0
+    """the cost budget d per episode"""
+    episode_length: int = 1000
+    """environment steps per episode T, used to convert the budget: d / T / (1 - gamma)"""
+
+    # world model
+    train_every: int = 1000
+    """environment steps between two rounds of updates"""
+    train_steps: int = 100
+    """updates (world model and actor-critics) per round"""
+    buffer_capacity: int = 500_000
+    """replay capacity in agent steps (1000 episodes of 500 agent steps)"""
+    store_chunk: int = 500
+    """an unfinished episode is stored as a sequence of its own once it holds this many agent steps"""
+    batch_size: int = 16
+    """sequences per model update"""
+    sequence_length: int = 50
+    """agent steps per sequence"""
+    deter_dim: int = 200
+    """size of the deterministic (GRU) state"""
+    stoch_dim: int = 60
+    """size of the stochastic (Gaussian) state"""
+    hidden_dim: int = 200
+    """hidden size inside the RSSM"""
+    ensemble_size: int = 5
+    """members of the transition-prior ensemble"""
+    ensemble_init_jitter: float = 0.01
+    """std of the Gaussian jitter added to the members' common initialisation"""
+    cnn_depth: int = 32
+    """channels of the first conv layer (encoder output 32 * depth)"""
+    head_units: int = 400
+    """units of the reward/cost head (3 layers)"""
+    model_lr: float = 3e-4
+    """learning rate of the world model"""
+    kl_scale: float = 1.0
+    """weight of the KL term"""
+    kl_balance: float = 0.8
+    """KL balancing: weight of KL(sg(posterior) || prior)"""
+    free_nats: float = 1.0
+    """free nats of the KL term"""
+
+    # actor-critic
+    actor_units: int = 400
+    """units of the actor (5 layers)"""
+    critic_units: int = 400
+    """units of the critics (3 layers)"""
+    actor_lr: float = 8e-5
+    """learning rate of the actors"""
+    critic_lr: float = 8e-5
+    """learning rate of the critics"""
+    adam_eps: float = 1e-5
+    """epsilon of every Adam optimiser"""
+    grad_clip: float = 100.0
+    """gradient-norm clipping of every network"""
+    imag_horizon: int = 15
+    """length of the imagined trajectories"""
+    gamma: float = 0.99
+    """discount factor (also of the cost)"""
+    lambda_: float = 0.95
+    """lambda of the lambda-returns"""
+    initial_lagrangian: float = 1e-4
+    """initial Lagrange multiplier of the augmented Lagrangian"""
+    initial_penalty: float = 5e-8
+    """initial penalty multiplier c of the augmented Lagrangian"""
+    penalty_power_factor: float = 8e-6
+    """c grows by (1 + this) every update, up to 1"""
+    lbsgd_eta: float = 0.1
+    """initial barrier parameter eta of the log barrier"""
+    lbsgd_eta_rate: float = 1e-6
+    """eta shrinks by (1 + this) every update with positive slack"""
+    lbsgd_m0: float = 1.25e4
+    """LBSGD smoothness constant m_0 (step size at most 1 / m_0)"""
+    lbsgd_m1: float = 1.25e4
+    """LBSGD smoothness constant m_1 of the constraint"""
+
+    # run-time
+    amp: bool = False
+    """bfloat16 autocast for the model and imagination on a GPU (ignored on the CPU)"""
+    eval_episodes: int = 1
+    """evaluation episodes at the end with the task policy's deterministic action (0: none)"""
+    log_every: int = 5000
+    """environment steps between console lines"""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The paper's pieces
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def epistemic_uncertainty(ens_mean: torch.Tensor, ens_std: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Normalised ensemble disagreement; ens_mean, ens_std: (E, ..., S) -> (...).
+
+    Zero when all members predict the same mean.
+    """
+    epistemic = ens_mean.var(0, unbiased=False).mean(-1)  # mean over dims of the variance over members of mu_e
+    aleatoric = ens_std.pow(2).mean(0).mean(-1)  # mean over dims and members of sigma_e^2
+    # eq. u_t: u_t = 0.5 log(1 + s * mean_d Var_e(mu_e) / (mean_d mean_e sigma_e^2 + 1e-5))
+    return 0.5 * torch.log1p(scale * epistemic / (aleatoric + 1e-5))
+
+
+def pessimistic_cost(ens_costs: torch.Tensor, uncertainty: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ens_costs: (E, ...) costs predicted by each member; uncertainty: (...) -> (...)."""
+    # eq. pessimism: c_t = mean_e c_e + alpha * u_t
+    return ens_costs.mean(0) + alpha * uncertainty
+
+
+def lambda_returns(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """TD(lambda) returns of an imagined trajectory; rewards (H, N) received on steps 1..H, values (H+1, N) of
+    states 0..H -> returns (H, N) of states 0..H-1, bootstrapped with the value of the last state."""
+    returns, last = [], values[-1]
+    for t in reversed(range(rewards.shape[0])):
+        # eq. lambda-return: R_t = r_t + gamma * ((1 - lambda) v(s_{t+1}) + lambda R_{t+1}),  R_H = v(s_H)
+        last = rewards[t] + gamma * ((1 - lam) * values[t + 1] + lam * last)
+        returns.append(last)
+    return torch.stack(returns[::-1])
+
+
+def safety_budget(cost_limit: float, episode_length: int, gamma: float) -> float:
+    """The per-episode cost budget as a budget on a discounted return of per-step costs."""
+    return cost_limit / episode_length / (1 - gamma)  # eq. budget: d / T / (1 - gamma)
+
+
+def augmented_lagrangian(slack: torch.Tensor, lagrange: torch.Tensor, penalty: torch.Tensor):
+    """Augmented Lagrangian for the constraint slack >= 0 (Nocedal & Wright 2006, eq. 17.65).
+
+    Returns (psi, new_lagrange): psi is added to the actor's loss; the multiplier update uses the current slack.
+    """
+    g = -slack  # the constraint as g <= 0
+    # eq. 17.65: psi = lambda g + c/2 g^2 if lambda + c g > 0, else -lambda^2 / (2c)
+    psi = torch.where(lagrange + penalty * g > 0, lagrange * g + 0.5 * penalty * g**2, -(lagrange**2) / (2 * penalty))
+    new_lagrange = torch.clamp(lagrange + penalty * g.detach(), min=0.0)  # eq. 17.66: lambda <- max(0, lambda + c g)
+    return psi, new_lagrange
+
+
+def update_penalty(penalty: torch.Tensor, power_factor: float) -> torch.Tensor:
+    """c <- min(c (1 + factor), 1)."""
+    return torch.clamp(penalty * (1 + power_factor), max=1.0)
+
+
+def log_barrier(slack: torch.Tensor, eta: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-eta log(slack) where slack > 0. Returns (barrier term, feasible flag).
+
+    Guard: with a non-positive slack the log is undefined; the barrier term is then 0 and the caller falls
+    back to minimising the cost alone (LBSGD's backup step).
+    """
+    feasible = slack > 0
+    safe_slack = torch.where(feasible, slack, torch.ones_like(slack))  # never take the log of slack <= 0
+    return torch.where(feasible, -eta * torch.log(safe_slack), torch.zeros_like(slack)), feasible
+
+
+def lbsgd_step_scale(slack, loss_grad, constraint_grad, eta, m0, m1, base_lr, eps=1e-8) -> torch.Tensor:
+    """LBSGD's adaptive step size (Usmanova et al. 2022) relative to the base learning rate.
+
+    loss_grad: flat gradient of the barrier objective; constraint_grad: flat gradient of f_1 = -slack.
+    step = min(alpha / (2 |theta| + sqrt(alpha m1)), 1 / m2), theta = <grad f_1, g / |g|>,
+    m2 = m0 + 10 eta m1 / alpha + 8 eta (theta / alpha)^2, with alpha the slack.
+    """
+    theta = constraint_grad.dot(loss_grad / (loss_grad.norm() + eps))
+    lhs = slack / (2 * theta.abs() + torch.sqrt(slack * m1 + eps))
+    m2 = m0 + 10 * eta * m1 / (slack + eps) + 8 * eta * (theta / (slack + eps)) ** 2
+    return torch.minimum(lhs, 1 / m2) / base_lr
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Networks
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class WorldModel(nn.Module):
+    """Conv encoder -> RSSM (ensemble prior) -> conv decoder, and one MLP head predicting [reward, cost]."""
+
+    def __init__(self, action_dim: int, args: Args):
+        super().__init__()
+        self.encoder = ConvEncoder(3, args.cnn_depth, activation=nn.ELU)
+        self.rssm = RSSM(action_dim, self.encoder.out_dim, args.deter_dim, args.stoch_dim, args.hidden_dim,
+                         args.ensemble_size, init_jitter=args.ensemble_init_jitter)
+        feat = self.rssm.feature_dim
+        self.decoder = ConvDecoder(feat, 3, args.cnn_depth, activation=nn.ELU)
+        self.heads = mlp(feat, [args.head_units] * 3, 2, activation=nn.ELU)  # [reward, cost]
+
+    @staticmethod
+    def preprocess(obs: torch.Tensor) -> torch.Tensor:
+        return obs.float() / 255.0 - 0.5  # uint8 images -> [-0.5, 0.5]
+
+
+class Actor(nn.Module):
+    """Tanh-squashed Gaussian policy on the latent features (Dreamer v1 parameterisation)."""
+
+    def __init__(self, feat_dim: int, action_dim: int, units: int, mean_scale=5.0, init_std=5.0, min_std=1e-4):
+        super().__init__()
+        self.net = mlp(feat_dim, [units] * 5, 2 * action_dim, activation=nn.ELU)
+        self.mean_scale, self.min_std = mean_scale, min_std
+        self.raw_init_std = math.log(math.exp(init_std) - 1)
+
+    def forward(self, feat: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        mean, std = self.net(feat).chunk(2, -1)
+        mean = self.mean_scale * torch.tanh(mean / self.mean_scale)
+        if deterministic:
+            return torch.tanh(mean)
+        std = F.softplus(std + self.raw_init_std) + self.min_std
+        return torch.tanh(mean + std * torch.randn_like(std))  # reparameterised sample
+
+
+class ActorCritic(nn.Module):
+    """A policy with its reward critic and cost critic (ActSafe has two: exploration and task)."""
+
+    def __init__(self, feat_dim: int, action_dim: int, args: Args):
+        super().__init__()
+        self.actor = Actor(feat_dim, action_dim, args.actor_units)
+        self.critic = mlp(feat_dim, [args.critic_units] * 3, 1, activation=nn.ELU)
+        self.cost_critic = mlp(feat_dim, [args.critic_units] * 3, 1, activation=nn.ELU)
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """Gradients flow THROUGH these modules (e.g. the dynamics) but never INTO their parameters."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def imagine(wm: WorldModel, actor: Actor, start: dict, horizon: int) -> dict:
+    """Roll the policy out in the model for `horizon` steps from the (detached) start states.
+
+    All members predict each next state; one member, drawn per step, continues the rollout.
+    Returns feats (H+1, N, F) and the members' prior means/stds (H, E, N, S) of states 1..H.
+    """
+    state = {"deter": start["deter"], "stoch": start["stoch"]}
+    feats, deters, ens_means, ens_stds = [RSSM.features(state)], [], [], []
+    for _ in range(horizon):
+        action = actor(feats[-1].detach())  # no gradient through the policy's input (Dreamer)
+        state = wm.rssm.img_step(state, action)
+        feats.append(RSSM.features(state))
+        deters.append(state["deter"])
+        ens_means.append(state["ens_mean"])
+        ens_stds.append(state["ens_std"])
+    return {"feats": torch.stack(feats), "ens_mean": torch.stack(ens_means), "ens_std": torch.stack(ens_stds),
+            "deter": torch.stack(deters)}
+
+
+def imagined_rewards_and_costs(wm: WorldModel, traj: dict, args: Args, intrinsic: bool) -> dict:
+    """Per-step reward (extrinsic, or the scaled uncertainty when `intrinsic`) and pessimistic cost of states 1..H."""
+    u = epistemic_uncertainty(traj["ens_mean"].transpose(0, 1), traj["ens_std"].transpose(0, 1),
+                              args.epistemic_scale)  # (H, N)
+    heads = wm.heads(traj["feats"][1:])  # (H, N, 2)
+    # each member's cost: the head on [that member's prior mean, the shared deterministic state]
+    deter = traj["deter"].unsqueeze(1).expand(-1, traj["ens_mean"].shape[1], -1, -1)  # (H, E, N, D)
+    ens_costs = wm.heads(torch.cat([traj["ens_mean"], deter], -1))[..., 1]  # (H, E, N)
+    cost = pessimistic_cost(ens_costs.transpose(0, 1), u, args.pessimism)
+    if intrinsic:
+        reward = args.exploration_reward_scale * u.detach()  # optimism: r_explore = scale * u_t
+    else:
+        reward = heads[..., 0]
+    return {"reward": reward, "cost": cost, "uncertainty": u.detach(), "model_cost": ens_costs.mean(1).detach()}
+
+
+def actor_critic_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args, intrinsic: bool,
+                        constraint_state: dict, budget: float):
+    """Dreamer actor and critic losses of one actor-critic from imagined trajectories, with the constraint term.
+
+    The actor loss reaches only the actor's parameters (world model and critics are frozen while it is built);
+    the critic losses reach only the critics. Returns (actor_loss, critic_loss, info) where info holds detached
+    tensors (slack, constraint term, uncertainty, ...) and the pieces the constraint update needs.
+    """
+    with frozen(wm, ac.critic, ac.cost_critic):
+        traj = imagine(wm, ac.actor, start, args.imag_horizon)
+        out = imagined_rewards_and_costs(wm, traj, args, intrinsic)
+        values = ac.critic(traj["feats"]).squeeze(-1)  # (H+1, N)
+        cost_values = ac.cost_critic(traj["feats"]).squeeze(-1)
+        returns = lambda_returns(out["reward"], values, args.gamma, args.lambda_)
+        cost_returns = lambda_returns(out["cost"], cost_values, args.gamma, args.lambda_)
+        objective = returns.mean()
+        slack = budget - cost_returns.mean()  # >= 0 when the (pessimistic) imagined cost is within budget
+        if args.constraint == "lagrangian":
+            psi, new_lagrange = augmented_lagrangian(slack, constraint_state["lagrange"], constraint_state["penalty"])
+            actor_loss = -objective + psi
+            info = {"constraint_term": psi.detach(), "new_lagrange": new_lagrange.detach()}
+        elif args.constraint == "lbsgd":
+            barrier, feasible = log_barrier(slack, constraint_state["eta"])
+            # infeasible: LBSGD's backup step descends the constraint f_1 = -slack only
+            actor_loss = torch.where(feasible, -objective + barrier, -slack)
+            info = {"constraint_term": barrier.detach(), "feasible": feasible, "barrier_objective": -objective + barrier}
+        else:
+            actor_loss = -objective
+            info = {"constraint_term": torch.zeros(())}
+    feats = traj["feats"][:-1].detach()
+    critic_loss = 0.5 * (ac.critic(feats).squeeze(-1) - returns.detach()).pow(2).mean()
+    critic_loss = critic_loss + 0.5 * (ac.cost_critic(feats).squeeze(-1) - cost_returns.detach()).pow(2).mean()
+    info.update(slack=slack, objective=objective.detach(), cost_return=cost_returns.mean().detach(),
+                uncertainty=out["uncertainty"], imagined_cost=out["model_cost"].mean())
+    return actor_loss, critic_loss, info
+
+
+def validate(args: Args) -> None:
+    """Reject bad input with a message naming the flag and what is accepted."""
+    check_positive(args, "total_timesteps", "num_envs", "action_repeat", "train_every", "train_steps",
+                   "buffer_capacity", "store_chunk", "batch_size", "sequence_length", "deter_dim", "stoch_dim",
+                   "hidden_dim", "ensemble_size", "cnn_depth", "head_units", "actor_units", "critic_units",
+                   "model_lr", "actor_lr", "critic_lr", "adam_eps", "grad_clip", "imag_horizon", "cost_limit",
+                   "episode_length", "initial_penalty", "lbsgd_eta", "lbsgd_m0", "lbsgd_m1", "log_every")
+    check_choice(args, "exploration", ["optimistic", "greedy"])
+    check_choice(args, "constraint", ["lagrangian", "lbsgd", "none"])
+    for name in ("warmup_steps", "exploration_steps", "pessimism", "exploration_reward_scale", "epistemic_scale",
+                 "initial_lagrangian", "penalty_power_factor", "lbsgd_eta_rate", "eval_episodes", "free_nats",
+                 "ensemble_init_jitter"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)!r}")
+    if not 0 < args.gamma < 1:
+        raise SystemExit(f"error: --gamma must be in (0, 1) (the budget divides by 1 - gamma), got {args.gamma!r}")
+    for name in ("lambda_", "kl_balance"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise SystemExit(f"error: --{name.replace('_', '-').rstrip('-')} must be in [0, 1], got {getattr(args, name)!r}")
+    if args.ensemble_size < 2:
+        raise SystemExit(f"error: --ensemble-size must be >= 2 (the uncertainty is a disagreement), got {args.ensemble_size}")
+    if args.store_chunk < args.sequence_length:
+        raise SystemExit(f"error: --store-chunk ({args.store_chunk}) must be >= --sequence-length ({args.sequence_length})")
+    if args.capture_video:
+        raise SystemExit("error: --capture-video is not supported by actsafe.py (the observations are the video)")
+    try:
+        normalize_env_id(args.env_id, vision=True)
+    except ValueError as e:
+        raise SystemExit(f"error: --env-id: {e}") from None
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    validate(args)
+    env_id, _ = normalize_env_id(args.env_id, vision=True)
+    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    logger = Logger(run_name, args)
+    seed_everything(args.seed, args.torch_deterministic)
+    device = get_device(args.cuda)
+    if args.amp and device.type != "cuda":
+        print("--amp asks for mixed precision on a GPU; running in float32 on the CPU.", flush=True)
+    autocast = lambda: torch.autocast("cuda", torch.bfloat16, enabled=args.amp and device.type == "cuda")  # noqa: E731
+
+    # environments: 64x64 pixels from the robot's camera, whatever id the user typed
+    envs = make_vector_env(args.env_id, args.num_envs, args.seed, vision=True, image_size=64,
+                           action_repeat=args.action_repeat)
+    action_dim = envs.single_action_space.shape[0]
+    act_low = envs.single_action_space.low.astype(np.float32)
+    act_high = envs.single_action_space.high.astype(np.float32)
+    to_env = lambda a: act_low + (a + 1.0) * 0.5 * (act_high - act_low)  # noqa: E731  [-1, 1] -> the env's box
+
+    # models and optimisers
+    wm = WorldModel(action_dim, args).to(device)
+    feat_dim = wm.rssm.feature_dim
+    task_ac = ActorCritic(feat_dim, action_dim, args).to(device)
+    explore_ac = ActorCritic(feat_dim, action_dim, args).to(device) if args.exploration == "optimistic" else None
+    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, eps=args.adam_eps)  # noqa: E731
+    model_opt = adam(wm.parameters(), args.model_lr)
+    acs = {"task": task_ac} if explore_ac is None else {"explore": explore_ac, "task": task_ac}
+    actor_opts = {k: adam(ac.actor.parameters(), args.actor_lr) for k, ac in acs.items()}
+    critic_opts = {k: adam([*ac.critic.parameters(), *ac.cost_critic.parameters()], args.critic_lr) for k, ac in acs.items()}
+    constraint_states = {k: {"lagrange": torch.tensor(args.initial_lagrangian, device=device),
+                             "penalty": torch.tensor(args.initial_penalty, device=device),
+                             "eta": torch.tensor(args.lbsgd_eta, device=device)} for k in acs}
+    budget = safety_budget(args.cost_limit, args.episode_length, args.gamma)
+    buffer = EpisodeBuffer(args.buffer_capacity, device, seed=args.seed)
+
+    # the start: every env's first row (Dreamer's convention: row t = o_t, a_{t-1}, r_t, c_t)
+    obs, _ = envs.reset(seed=args.seed)
+    zero_action = np.zeros(action_dim, np.float32)
+    for i in range(args.num_envs):
+        buffer.add({"obs": obs[i], "action": zero_action, "reward": np.float32(0), "cost": np.float32(0)}, i)
+    filter_state = wm.rssm.initial(args.num_envs, device)
+    prev_action = torch.zeros(args.num_envs, action_dim, device=device)
+
+    global_step, updates, next_train, next_log = 0, 0, args.warmup_steps, args.log_every
+    steps_per_iteration = args.num_envs * args.action_repeat
+    metrics: dict[str, torch.Tensor] = {}
+    while global_step < args.total_timesteps:
+        # ---- act: filter the new observation, then the acting policy of the current phase
+        phase = "explore" if explore_ac is not None and global_step < args.exploration_steps else "task"
+        with torch.no_grad(), autocast():
+            embed = wm.encoder(wm.preprocess(torch.as_tensor(obs, device=device)))
+            filter_state, _ = wm.rssm.obs_step(filter_state, prev_action, embed)
+            if global_step < args.warmup_steps:
+                action = torch.rand(args.num_envs, action_dim, device=device) * 2 - 1
+            else:
+                action = acs[phase].actor(RSSM.features(filter_state))
+        action = action.float()
+        action_np = action.cpu().numpy()
+        next_obs, reward, cost, terminated, truncated, info = envs.step(to_env(action_np))
+        global_step += steps_per_iteration
+        logger.log_costs(global_step, cost)
+        for _, episode in finished_episodes(info):
+            logger.log_episode(global_step, episode["r"], episode["c"], episode["l"])
+
+        # ---- store: the step's row; a finished episode's last row holds its final observation
+        done = np.logical_or(terminated, truncated)
+        for i in range(args.num_envs):
+            last_obs = info["final_observation"][i] if done[i] else next_obs[i]
+            row = {"obs": last_obs, "action": action_np[i], "reward": np.float32(reward[i]), "cost": np.float32(cost[i])}
+            full = len(buffer.open.get(i, [])) + 1 >= args.store_chunk
+            buffer.add(row, i, done=bool(done[i]) or full)
+            if done[i]:
+                buffer.add({"obs": next_obs[i], "action": zero_action, "reward": np.float32(0), "cost": np.float32(0)}, i)
+        keep = torch.as_tensor(~done, device=device, dtype=torch.float32)[:, None]
+        filter_state = {k: v * keep for k, v in filter_state.items()}
+        prev_action = action * keep
+        obs = next_obs
+
+        # ---- learn: `train_steps` updates every `train_every` environment steps once warm
+        if global_step >= next_train and buffer.episodes:
+            next_train += args.train_every
+            metrics = {}
+            for _ in range(args.train_steps):
+                batch = buffer.sample(args.batch_size, args.sequence_length)
+                # world model: reconstruction + reward + cost NLL + balanced KL against one random member per step
+                with autocast():
+                    embeds = wm.encoder(wm.preprocess(batch["obs"]))
+                    posts, priors = wm.rssm.observe(embeds, batch["action"])
+                    feats = RSSM.features(posts)
+                    recon = wm.decoder(feats)
+                    heads = wm.heads(feats)
+                image_loss = 0.5 * (recon.float() - wm.preprocess(batch["obs"])).pow(2).sum((-3, -2, -1)).mean()
+                reward_loss = 0.5 * (heads[..., 0].float() - batch["reward"]).pow(2).mean()
+                cost_loss = 0.5 * (heads[..., 1].float() - batch["cost"]).pow(2).mean()
+                kl_loss, kl_value = balanced_kl_loss(posts, priors, args.kl_balance, args.free_nats)
+                model_loss = image_loss + reward_loss + cost_loss + args.kl_scale * kl_loss
+                model_opt.zero_grad(set_to_none=True)
+                model_loss.backward()
+                nn.utils.clip_grad_norm_(wm.parameters(), args.grad_clip)
+                model_opt.step()
+
+                # actor-critics in imagination, from every posterior state of the batch
+                start = {k: posts[k].detach().reshape(-1, posts[k].shape[-1]) for k in ("deter", "stoch")}
+                for name, ac in acs.items():
+                    if name == "explore" and phase != "explore":
+                        continue  # after the switch the exploration policy is no longer trained
+                    cs = constraint_states[name]
+                    with autocast():
+                        actor_loss, critic_loss, ac_info = actor_critic_losses(
+                            wm, ac, start, args, intrinsic=(name == "explore"), constraint_state=cs, budget=budget)
+                    actor_opts[name].zero_grad(set_to_none=True)
+                    if args.constraint == "lbsgd" and bool(ac_info["feasible"]):
+                        # LBSGD: the barrier gradient, scaled by the adaptive step size relative to the base lr
+                        params = list(ac.actor.parameters())
+                        g = torch.autograd.grad(ac_info["barrier_objective"], params, retain_graph=True)
+                        f1 = torch.autograd.grad(-ac_info["slack"], params, retain_graph=True)
+                        flat_g, flat_f1 = torch.cat([x.flatten() for x in g]), torch.cat([x.flatten() for x in f1])
+                        scale = lbsgd_step_scale(ac_info["slack"].detach(), flat_g, flat_f1, cs["eta"],
+                                                 args.lbsgd_m0, args.lbsgd_m1, args.actor_lr)
+                        for p, gp in zip(params, g):
+                            p.grad = gp * scale
+                        cs["eta"] = cs["eta"] / (1 + args.lbsgd_eta_rate)
+                        metrics[f"charts/{name}_lbsgd_step_scale"] = scale.detach()
+                    else:
+                        actor_loss.backward()
+                    nn.utils.clip_grad_norm_(ac.actor.parameters(), args.grad_clip)
+                    actor_opts[name].step()
+                    critic_opts[name].zero_grad(set_to_none=True)
+                    critic_loss.backward()
+                    nn.utils.clip_grad_norm_([*ac.critic.parameters(), *ac.cost_critic.parameters()], args.grad_clip)
+                    critic_opts[name].step()
+                    if args.constraint == "lagrangian":
+                        cs["lagrange"] = ac_info["new_lagrange"]
+                        cs["penalty"] = update_penalty(cs["penalty"], args.penalty_power_factor)
+                    prefix = "" if name == "task" else "explore_"
+                    metrics.update({
+                        f"losses/{prefix}actor_loss": actor_loss.detach(),
+                        f"losses/{prefix}critic_loss": critic_loss.detach(),
+                        f"charts/{prefix}slack": ac_info["slack"].detach(),
+                        f"charts/{prefix}imagined_cost_return": ac_info["cost_return"],
+                        f"charts/{prefix}imagined_cost": ac_info["imagined_cost"],
+                        f"charts/{prefix}uncertainty_mean": ac_info["uncertainty"].mean(),
+                        f"charts/{prefix}uncertainty_max": ac_info["uncertainty"].max(),
+                        f"charts/{prefix}lagrange_multiplier": cs["lagrange"],
+                        f"charts/{prefix}penalty_multiplier": cs["penalty"],
+                        f"charts/{prefix}barrier_eta": cs["eta"],
+                    })
+                updates += 1
+            # once per round: NaN guard and logging (the only host syncs of the learning step)
+            check_finite("world-model loss", model_loss)
+            check_finite("actor loss", actor_loss)
+            metrics.update({"losses/model_loss": model_loss.detach(), "losses/image_loss": image_loss.detach(),
+                            "losses/reward_loss": reward_loss.detach(), "losses/cost_loss": cost_loss.detach(),
+                            "losses/kl": kl_value, "charts/real_cost": batch["cost"].mean()})
+            for tag, value in metrics.items():
+                logger.scalar(tag, value.item(), global_step)
+            logger.scalar("charts/updates", updates, global_step)
+            logger.scalar("charts/phase", 0.0 if phase == "explore" else 1.0, global_step)
+            logger.scalar("charts/safety_budget", budget, global_step)
+        if global_step >= next_log or global_step >= args.total_timesteps:
+            next_log += args.log_every
+            logger.scalar("charts/phase", 0.0 if phase == "explore" else 1.0, global_step)  # 0 expansion, 1 task
+            logger.console(global_step, f"phase={phase} updates={updates}")
+    envs.close()
+
+    if args.save_model:
+        path = os.path.join(logger.run_dir, f"{args.exp_name}.cleanrl_model")
+        torch.save({"world_model": wm.state_dict(), **{f"{k}_actor_critic": ac.state_dict() for k, ac in acs.items()},
+                    "args": vars(args)}, path)
+        print(f"model saved to {path}", flush=True)
+
+    # final evaluation: the task policy's deterministic action, filtering its own observations
+    if args.eval_episodes > 0:
+        eval_envs = make_vector_env(args.env_id, args.eval_episodes, args.seed + 10_000, vision=True, image_size=64,
+                                    action_repeat=args.action_repeat)
+        obs, _ = eval_envs.reset(seed=args.seed + 10_000)
+        state = wm.rssm.initial(args.eval_episodes, device)
+        prev = torch.zeros(args.eval_episodes, action_dim, device=device)
+        finished = np.zeros(args.eval_episodes, bool)
+        while not finished.all():
+            with torch.no_grad(), autocast():
+                embed = wm.encoder(wm.preprocess(torch.as_tensor(obs, device=device)))
+                state, _ = wm.rssm.obs_step(state, prev, embed)
+                prev = task_ac.actor(RSSM.features(state), deterministic=True).float()
+            obs, _, _, _, _, info = eval_envs.step(to_env(prev.cpu().numpy()))
+            for i, episode in finished_episodes(info):
+                if not finished[i]:
+                    finished[i] = True
+                    logger.log_episode(global_step, episode["r"], episode["c"], episode["l"], prefix="eval")
+                    print(f"eval episode {i}: return={episode['r']:.2f} cost={episode['c']:.2f}", flush=True)
+        eval_envs.close()
+    logger.close()
