@@ -39,9 +39,9 @@ Deviations (see docs/psl.md for the reasons and the full list):
 from __future__ import annotations
 
 import os
-import random
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,7 +88,7 @@ class Args:
     fear_phase_in: float = 0.2
     """intrinsic fear: fraction of the training budget over which lambda grows linearly from 0"""
     eval_episodes: int = 100
-    """greedy test episodes under the final safeguard after training"""
+    """gridworld: greedy test episodes under the final safeguard after training"""
 
     # Gridworld (tabular Q-learning)
     total_episodes: int = 5000
@@ -120,6 +120,8 @@ class Args:
     """vizdoom: total agent steps (each repeats the action doom_frame_skip frames)"""
     doom_stage_fractions: tuple[float, float] = (0.0625, 0.375)
     """vizdoom, fixed progression: end of safeguards 0 and 1 as fractions of the budget (paper: 2.5M, 15M of 40M)"""
+    doom_eval_episodes: int = 8
+    """vizdoom: evaluation episodes under the final safeguard after training"""
     doom_penalty: float = 1.0
     """vizdoom: p of eq. 5 (paper tried 0, 0.5, 1)"""
     doom_frame_skip: int = 4
@@ -148,6 +150,8 @@ class Args:
     """vizdoom: value loss weight"""
     max_grad_norm: float = 0.5
     """vizdoom: gradient clipping"""
+    torch_threads: int = 1
+    """vizdoom: CPU threads for torch (1 avoids oversubscribing a small CPU beside the Doom games)"""
     hidden_size: int = 512
     """vizdoom: width of the fully connected layer after the CNN (paper: 512)"""
 
@@ -389,10 +393,9 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
         for i in idx:
             # progression: move on when V(s0) has converged (paper) or after an equal share (authors' code)
             if stage < len(progression) - 1:
-                if args.progression == "fixed":
-                    move = episodes_started >= (stage + 1) * stage_budget
-                else:
-                    move = has_converged(stage_v0, args.converge_window, args.converge_tol)
+                move = episodes_started >= (stage + 1) * stage_budget  # fixed share (also the cap of converge)
+                if args.progression == "converge":
+                    move = move or has_converged(stage_v0, args.converge_window, args.converge_tol)
                 if move:
                     v_s0_per_stage[MINECRAFT_SAFEGUARDS[progression[stage]].name] = float(np.mean(stage_v0[-50:]))
                     stage, stage_v0[:] = stage + 1, []
@@ -508,6 +511,434 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------------------------------------
+# ViZDoom: a map generated as UDMF text in a PWAD, labels from game variables, the three Doom safeguards
+# ------------------------------------------------------------------------------------------------------
+DOOM_SAFEGUARDS = [
+    Safeguard("0: never lava", [
+        ("start", {"lava"}, SINK),
+    ]),
+    Safeguard("1: lava only after armor; the boss area is a violation", [
+        ("start", {"armor"}, "armor"), ("start", {"lava", "boss_area"}, SINK),
+        ("armor", {"boss_area"}, SINK),
+    ]),
+    Safeguard("2: as 1, and the boss area only after the weapon", [
+        ("start", {"armor"}, "armor"), ("start", {"lava", "boss_area"}, SINK),
+        ("armor", {"weapon"}, "armed"), ("armor", {"boss_area"}, SINK),
+    ]),
+]  # fmt: skip
+
+# The map, south to north (Doom units, y grows north): start room with armor and a radiation suit, a band of
+# lava floor (20 damage every 32 tics) across the whole width, the item room with a plasma gun and cells, a
+# door (Door_Raise on use), the boss room with a Baron of Hell. The door sector comes last (see udmf_textmap).
+DOOM_LAVA_Y, DOOM_DOOR_Y = (384, 512), (896, 912)
+DOOM_SECTORS = [  # (clockwise polygon, floor flat, sector properties)
+    ([(0, 0), (0, 384), (512, 384), (512, 0)], "FLOOR0_1", {}),
+    ([(0, 384), (0, 512), (512, 512), (512, 384)], "LAVA1", {"damageamount": 20, "damageinterval": 32}),
+    ([(0, 512), (0, 896), (192, 896), (320, 896), (512, 896), (512, 512)], "FLOOR0_1", {}),
+    ([(0, 912), (0, 1280), (512, 1280), (512, 912), (320, 912), (192, 912)], "FLOOR7_2", {}),
+    ([(192, 896), (192, 912), (320, 912), (320, 896)], "FLAT20", {"heightceiling": 0}),  # the closed door
+]
+DOOM_THINGS = [  # (x, y, angle, type): player start, green armor, radiation suit, plasma gun, 2 cell packs, baron
+    (128, 64, 90, 1), (416, 160, 90, 2018), (416, 256, 90, 2025), (256, 704, 90, 2004),
+    (192, 704, 90, 17), (320, 704, 90, 17), (256, 1152, 270, 3003),
+]
+
+
+def udmf_textmap() -> str:
+    """The map as UDMF text (ZDoom namespace). Each polygon edge becomes a linedef; an edge shared by two
+    sectors (walked in opposite directions) becomes one two-sided linedef whose front is the first sector."""
+
+    def block(kind, props):
+        fmt = lambda v: ("true" if v else "false") if isinstance(v, bool) else f'"{v}"' if isinstance(v, str) else v  # noqa: E731
+        return kind + "\n{\n" + "".join(f"  {k} = {fmt(v)};\n" for k, v in props.items()) + "}"
+
+    door, edges, verts, sides, out = len(DOOM_SECTORS) - 1, {}, [], [], ['namespace = "zdoom";']
+    for s, (poly, _, _) in enumerate(DOOM_SECTORS):
+        for a, b in zip(poly, poly[1:] + poly[:1]):
+            if (b, a) in edges:
+                edges[(b, a)]["back"] = s
+            else:
+                edges[(a, b)] = {"front": s}
+    for (a, b), e in edges.items():
+        verts += [p for p in (a, b) if p not in verts]
+        line = {"v1": verts.index(a), "v2": verts.index(b), "sidefront": len(sides)}
+        if "back" in e:  # two-sided; a line onto the door sector opens it when used from the front
+            is_door = door == e["back"]
+            tex = {"texturetop": "BIGDOOR2"} if is_door else {}
+            line.update(sideback=len(sides) + 1, twosided=True)
+            if is_door:
+                line.update(special=12, arg0=0, arg1=32, arg2=105, playeruse=True, repeatspecial=True)
+            sides += [{"sector": e["front"], **tex}, {"sector": e["back"], **tex}]
+        else:
+            line["blocking"] = True
+            sides.append({"sector": e["front"], "texturemiddle": "DOORTRAK" if e["front"] == door else "STARTAN2"})
+        out.append(block("linedef", line))
+    out += [block("vertex", {"x": float(x), "y": float(y)}) for x, y in verts]
+    out += [block("sidedef", sd) for sd in sides]
+    for _, flat, extra in DOOM_SECTORS:
+        base = {"heightfloor": 0, "heightceiling": 128, "texturefloor": flat, "textureceiling": "CEIL3_5",
+                "lightlevel": 208}
+        out.append(block("sector", {**base, **extra}))
+    skills = {f"skill{i}": True for i in range(1, 6)}
+    for x, y, angle, kind in DOOM_THINGS:
+        out.append(block("thing", {"x": float(x), "y": float(y), "angle": angle, "type": kind, **skills, "single": True}))
+    return "\n".join(out) + "\n"
+
+
+def write_wad(path: str) -> str:
+    """A PWAD with the lumps MAP01 (empty marker), TEXTMAP (the UDMF text) and ENDMAP; ZDoom builds the nodes."""
+    import struct
+
+    lumps = [("MAP01", b""), ("TEXTMAP", udmf_textmap().encode()), ("ENDMAP", b"")]
+    data, directory, offset = b"", b"", 12
+    for name, payload in lumps:
+        directory += struct.pack("<ii8s", offset, len(payload), name.encode())
+        data, offset = data + payload, offset + len(payload)
+    with open(path, "wb") as f:
+        f.write(b"PWAD" + struct.pack("<ii", len(lumps), offset) + data + directory)
+    return path
+
+
+DOOM_ACTIONS = [  # buttons: MOVE_FORWARD, TURN_LEFT, TURN_RIGHT, ATTACK, USE
+    [1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0, 0, 0, 1, 0],
+    [1, 0, 0, 0, 1],
+]
+DOOM_VARIABLES = ["POSITION_X", "POSITION_Y", "ARMOR", "WEAPON6", "HEALTH", "DAMAGECOUNT"]
+
+
+def doom_labels(gv) -> frozenset:
+    """Labels from game variables: lava = standing in the lava band, boss_area = past the door,
+    armor = ARMOR > 0, weapon = the plasma gun's slot variable WEAPON6 > 0."""
+    x, y, armor, weapon = gv[0], gv[1], gv[2], gv[3]
+    labels = set()
+    if DOOM_LAVA_Y[0] <= y < DOOM_LAVA_Y[1] and 0 <= x <= 512:
+        labels.add("lava")
+    if y > DOOM_DOOR_Y[1]:
+        labels.add("boss_area")
+    if armor > 0:
+        labels.add("armor")
+    if weapon > 0:
+        labels.add("weapon")
+    return frozenset(labels)
+
+
+def doom_reward(prev, gv, dead: bool) -> float:
+    """The notes' reward: +0.003 per damage point dealt, +0.01 per armor point gained, +1 for the weapon, -1 on death."""
+    return (0.003 * (gv[5] - prev[5]) + 0.01 * max(gv[2] - prev[2], 0.0) + 1.0 * float(gv[3] > 0 and prev[3] <= 0)
+            - 1.0 * float(dead))  # fmt: skip
+
+
+class DoomVecEnv:
+    """`num_envs` ViZDoom games in this process, stepped one after the other behind a batch API.
+
+    step(actions) -> obs (N, 3 * frame_stack, 60, 80) uint8, game reward (N,), labels [frozenset] * N,
+    done (N,) (death or timeout; the env is then reset and obs is the new episode's first observation).
+    `reset_one(i)` starts a new episode (used when the safeguard ends an episode on a violation).
+    """
+
+    def __init__(self, num_envs: int, wad: str, seed: int, frame_skip: int, episode_tics: int, stack: int,
+                 cheats: bool = False):
+        import vizdoom as vzd
+
+        self.games, self.skip, self.stack = [], frame_skip, stack
+        for i in range(num_envs):
+            g = vzd.DoomGame()
+            g.set_doom_scenario_path(wad)
+            g.set_doom_map("map01")
+            g.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
+            g.set_screen_format(vzd.ScreenFormat.CRCGCB)
+            g.set_render_hud(False)
+            g.set_window_visible(False)
+            g.set_available_buttons([getattr(vzd.Button, b) for b in ("MOVE_FORWARD", "TURN_LEFT", "TURN_RIGHT",
+                                                                        "ATTACK", "USE")])
+            g.set_available_game_variables([getattr(vzd.GameVariable, v) for v in DOOM_VARIABLES])
+            g.set_episode_timeout(episode_tics)
+            g.set_seed(seed + i)
+            if cheats:
+                g.add_game_args("+sv_cheats 1")
+            g.set_mode(vzd.Mode.PLAYER)
+            g.init()
+            self.games.append(g)
+        n = num_envs
+        self.frames = np.zeros((n, stack, 3, 60, 80), dtype=np.uint8)
+        self.vars = np.zeros((n, len(DOOM_VARIABLES)))
+        for i in range(n):
+            self.reset_one(i)
+
+    def _read(self, i):
+        state = self.games[i].get_state()
+        return state.screen_buffer[:, ::2, ::2], np.asarray(state.game_variables, dtype=np.float64)
+
+    def reset_one(self, i: int) -> None:
+        self.games[i].new_episode()
+        frame, self.vars[i] = self._read(i)
+        self.frames[i] = frame
+
+    def obs(self) -> np.ndarray:
+        return self.frames.reshape(len(self.games), -1, 60, 80)
+
+    def labels(self) -> list:
+        return [doom_labels(v) for v in self.vars]
+
+    def step(self, actions):
+        n = len(self.games)
+        rewards, done = np.zeros(n), np.zeros(n, dtype=bool)
+        for i, g in enumerate(self.games):
+            g.make_action(DOOM_ACTIONS[int(actions[i])], self.skip)
+            if g.is_episode_finished():
+                rewards[i], done[i] = doom_reward(self.vars[i], self.vars[i], g.is_player_dead()), True
+                self.reset_one(i)
+                continue
+            frame, gv = self._read(i)
+            rewards[i] = doom_reward(self.vars[i], gv, False)
+            self.vars[i] = gv
+            self.frames[i] = np.roll(self.frames[i], -1, axis=0)
+            self.frames[i, -1] = frame
+        return self.obs(), rewards, self.labels(), done
+
+    def close(self) -> None:
+        for g in self.games:
+            g.close()
+
+
+class Agent(nn.Module):
+    """Actor-critic on the product state: CNN features of the stacked RGB frames + one-hot safeguard state."""
+
+    def __init__(self, in_channels: int, n_safeguard_states: int, n_actions: int, hidden: int):
+        super().__init__()
+        self.cnn = nn.Sequential(
+            layer_init(nn.Conv2d(in_channels, 32, 8, 4)), nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 4, 2)), nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, 1)), nn.ReLU(), nn.Flatten(),
+            layer_init(nn.Linear(64 * 4 * 6, hidden)), nn.ReLU(),
+        )  # fmt: skip
+        self.actor = layer_init(nn.Linear(hidden + n_safeguard_states, n_actions), std=0.01)
+        self.critic = layer_init(nn.Linear(hidden + n_safeguard_states, 1), std=1.0)
+
+    def features(self, obs, q_onehot):
+        return torch.cat([self.cnn(obs.float() / 255.0), q_onehot], dim=-1)
+
+    def get_value(self, obs, q_onehot):
+        return self.critic(self.features(obs, q_onehot)).squeeze(-1)
+
+    def get_action_and_value(self, obs, q_onehot, action=None):
+        h = self.features(obs, q_onehot)
+        dist = torch.distributions.Categorical(logits=self.actor(h))
+        if action is None:
+            action = dist.sample()
+        return action, dist.log_prob(action), dist.entropy(), self.critic(h).squeeze(-1)
+
+
+class FearNet(nn.Module):
+    """Intrinsic fear (Lipton et al. 2016) on pixels: P(the last frame is within k_r steps of a catastrophe)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 16, 8, 4), nn.ReLU(), nn.Conv2d(16, 32, 4, 2), nn.ReLU(), nn.Flatten(),
+            nn.Linear(32 * 6 * 8, 64), nn.ReLU(), nn.Linear(64, 1),
+        )  # fmt: skip
+
+    def forward(self, frames):  # frames (B, 3, 60, 80) uint8 -> logits (B,)
+        return self.net(frames.float() / 255.0).squeeze(-1)
+
+
+def run_vizdoom(args: Args, logger: Logger) -> dict:
+    """Algorithm 1 with a synchronous PPO: each safeguard of the progression trains from the previous weights."""
+    device = get_device(args.cuda)
+    torch.set_num_threads(args.torch_threads)
+    final = len(DOOM_SAFEGUARDS) - 1
+    progression = list(range(len(DOOM_SAFEGUARDS))) if args.method == "psl" else [final]
+    boundaries = [int(f * args.total_timesteps) for f in args.doom_stage_fractions] + [args.total_timesteps]
+    space = ProductSpace(DOOM_SAFEGUARDS)
+    guarded = args.method in ("psl", "zero-shot")  # the safeguard shapes the reward and ends the episode
+    wad = write_wad(os.path.join(tempfile.mkdtemp(prefix="psl_"), "psl_map.wad"))
+    n = args.num_envs
+    env = DoomVecEnv(n, wad, args.seed, args.doom_frame_skip, args.doom_episode_tics, args.frame_stack)
+    agent = Agent(3 * args.frame_stack, len(space.names), len(DOOM_ACTIONS), args.hidden_size).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    fear_net = FearNet().to(device) if args.method == "intrinsic-fear" else None
+    fear_opt = torch.optim.Adam(fear_net.parameters(), lr=1e-4) if fear_net is not None else None
+    danger_mem, safe_mem = deque(maxlen=5000), deque(maxlen=5000)
+    recent = [deque() for _ in range(n)]
+
+    batch_size = n * args.num_steps
+    minibatch_size = max(batch_size // args.num_minibatches, 1)
+    num_iterations = max(args.total_timesteps // batch_size, 1)
+    obs_buf = torch.zeros((args.num_steps, n, 3 * args.frame_stack, 60, 80), dtype=torch.uint8, device=device)
+    q_buf = torch.zeros((args.num_steps, n, len(space.names)), device=device)
+    actions_buf = torch.zeros((args.num_steps, n), dtype=torch.long, device=device)
+    logprobs_buf, rewards_buf, dones_buf, values_buf = (torch.zeros((args.num_steps, n), device=device) for _ in range(4))
+
+    stage, stage_v0, global_step, violations = 0, [], 0, 0
+    q = [INITIAL] * n  # safeguard state of each env (the monitor of the final safeguard for baseline / fear)
+    first = np.ones(n, dtype=bool)  # the next observation is an episode's first (for V(s0))
+    ep_ret, ep_len, ep_game = np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n)
+
+    def onehot(states):
+        out = torch.zeros((n, len(space.names)), device=device)
+        if guarded:  # baseline and intrinsic fear do not see the safeguard
+            out[torch.arange(n), torch.as_tensor([space.index[s] if s != SINK else 0 for s in states])] = 1.0
+        return out
+
+    next_obs, next_done = torch.as_tensor(env.obs(), device=device), torch.zeros(n, device=device)
+    start_time = time.time()
+    for iteration in range(1, num_iterations + 1):
+        # progression: next safeguard when V(s0) has converged (paper) or at the fixed schedule's boundary
+        if stage < len(progression) - 1:
+            move = global_step >= boundaries[stage]
+            if args.progression == "converge":
+                move = move or has_converged(stage_v0, args.converge_window, args.converge_tol)
+            if move:  # continue from the previous weights with a fresh optimizer and fresh episodes
+                stage, stage_v0 = stage + 1, []
+                optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+                for i in range(n):
+                    env.reset_one(i)
+                    q[i], first[i], ep_ret[i], ep_len[i], ep_game[i] = INITIAL, True, 0.0, 0, 0.0
+                next_obs = torch.as_tensor(env.obs(), device=device)
+        sg = DOOM_SAFEGUARDS[progression[stage]]
+        lam = args.fear_factor * min(1.0, global_step / max(args.fear_phase_in * args.total_timesteps, 1))
+
+        for step in range(args.num_steps):
+            global_step += n
+            q_now = onehot(q)
+            obs_buf[step], q_buf[step], dones_buf[step] = next_obs, q_now, next_done
+            with torch.no_grad():
+                action, logprob, _, value = agent.get_action_and_value(next_obs, q_now)
+            values_buf[step], actions_buf[step], logprobs_buf[step] = value, action, logprob
+            for i in np.flatnonzero(first):
+                stage_v0.append(float(value[i]))
+                logger.scalar("charts/V_s0", float(value[i]), global_step)
+            first[:] = False
+
+            obs_np, game_r, labels, game_done = env.step(action.cpu().numpy())
+            # def. 10: the safeguard steps on the labels of the state just reached (skipped at a game reset)
+            q2 = [q[i] if game_done[i] else sg.step(q[i], labels[i]) for i in range(n)]
+            violated = np.array([q2[i] == SINK and q[i] != SINK for i in range(n)])
+            reward = shaped_reward(game_r, violated & guarded, 0.0, args.doom_penalty)  # eq. 5
+            if fear_net is not None:
+                frames = torch.as_tensor(obs_np[:, -3:], device=device)
+                with torch.no_grad():
+                    reward = reward - lam * torch.sigmoid(fear_net(frames)).cpu().numpy()
+                for i in range(n):
+                    recent[i].append(obs_np[i, -3:].copy())
+                    if len(recent[i]) > args.fear_radius:
+                        safe_mem.append(recent[i].popleft())
+            done = game_done | (violated & guarded)
+            violations += int(violated.sum())
+            logger.log_costs(global_step, violated)
+            ep_ret += reward
+            ep_game += game_r
+            ep_len += 1
+            for i in range(n):
+                q[i] = q2[i]
+                if fear_net is not None and (violated[i] or game_done[i]):  # catastrophe: the last k_r frames
+                    (danger_mem if violated[i] else safe_mem).extend(recent[i])
+                    recent[i].clear()
+                if done[i]:
+                    if not game_done[i]:
+                        env.reset_one(i)  # the safeguard ended the episode
+                    logger.log_episode(global_step, ep_ret[i], float(q[i] == SINK), ep_len[i])
+                    logger.scalar("charts/episodic_game_reward", ep_game[i], global_step)
+                    q[i], first[i], ep_ret[i], ep_len[i], ep_game[i] = INITIAL, True, 0.0, 0, 0.0
+            rewards_buf[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            next_obs = torch.as_tensor(env.obs(), device=device)
+            next_done = torch.as_tensor(done, dtype=torch.float32, device=device)
+        logger.scalar("charts/violations", violations, global_step)
+        logger.scalar("charts/safeguard_index", progression[stage], global_step)
+
+        # GAE and the PPO update (CleanRL)
+        with torch.no_grad():
+            next_value = agent.get_value(next_obs, onehot(q))
+            advantages, lastgaelam = torch.zeros_like(rewards_buf), 0
+            for t in reversed(range(args.num_steps)):
+                nonterminal = 1.0 - (next_done if t == args.num_steps - 1 else dones_buf[t + 1])
+                nextvalues = next_value if t == args.num_steps - 1 else values_buf[t + 1]
+                delta = rewards_buf[t] + args.doom_gamma * nextvalues * nonterminal - values_buf[t]
+                advantages[t] = lastgaelam = delta + args.doom_gamma * args.gae_lambda * nonterminal * lastgaelam
+            returns = advantages + values_buf
+        b_obs, b_q = obs_buf.reshape(-1, *obs_buf.shape[2:]), q_buf.reshape(-1, q_buf.shape[-1])
+        b_actions, b_logprobs = actions_buf.reshape(-1), logprobs_buf.reshape(-1)
+        b_adv, b_returns, b_values = advantages.reshape(-1), returns.reshape(-1), values_buf.reshape(-1)
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb = perm[start : start + minibatch_size]
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_q[mb], b_actions[mb])
+                ratio = (newlogprob - b_logprobs[mb]).exp()
+                mb_adv = b_adv[mb]
+                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std(unbiased=False) + 1e-8)
+                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+                check_finite("PPO loss", loss)
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+
+        # intrinsic fear: train the classifier on danger frames vs safe frames (balanced minibatch)
+        if fear_net is not None and danger_mem and safe_mem:
+            for _ in range(4):
+                k = min(64, len(danger_mem), len(safe_mem))
+                d = [danger_mem[j] for j in np.random.randint(len(danger_mem), size=k)]
+                s = [safe_mem[j] for j in np.random.randint(len(safe_mem), size=k)]
+                x = torch.as_tensor(np.stack(d + s), device=device)
+                y = torch.cat([torch.ones(k), torch.zeros(k)]).to(device)
+                fear_loss = F.binary_cross_entropy_with_logits(fear_net(x), y)
+                fear_opt.zero_grad()
+                fear_loss.backward()
+                fear_opt.step()
+            logger.scalar("losses/fear_loss", fear_loss.item(), global_step)
+
+        logger.scalar("losses/policy_loss", pg_loss.item(), global_step)
+        logger.scalar("losses/value_loss", v_loss.item(), global_step)
+        logger.scalar("losses/entropy", entropy_loss.item(), global_step)
+        logger.scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        logger.console(global_step, f"safeguard={progression[stage]} violations={violations}")
+    train_seconds = time.time() - start_time
+
+    # Final evaluation: greedy-sampled episodes under the final safeguard (monitored, not terminated)
+    results = {"training_violations": violations, "env_steps": global_step, "train_seconds": train_seconds,
+               "SPS": global_step / max(train_seconds, 1e-9)}
+    eval_env, sg_final = env, DOOM_SAFEGUARDS[final]
+    ev_ret, ev_viol, done_eps = [], [], 0
+    for i in range(n):
+        eval_env.reset_one(i)
+    q_eval, ret_i, viol_i = [INITIAL] * n, np.zeros(n), np.zeros(n, dtype=bool)
+    guarded_eval = guarded
+    obs_t = torch.as_tensor(eval_env.obs(), device=device)
+    while done_eps < args.doom_eval_episodes:
+        with torch.no_grad():
+            out = torch.zeros((n, len(space.names)), device=device)
+            if guarded_eval:
+                for i in range(n):
+                    out[i, space.index[q_eval[i]] if q_eval[i] != SINK else 0] = 1.0
+            action, _, _, _ = agent.get_action_and_value(obs_t, out)
+        obs_np, game_r, labels, game_done = eval_env.step(action.cpu().numpy())
+        for i in range(n):
+            if not game_done[i]:
+                q_eval[i] = sg_final.step(q_eval[i], labels[i])
+            viol_i[i] |= q_eval[i] == SINK
+            ret_i[i] += game_r[i]
+            if game_done[i] and done_eps < args.doom_eval_episodes:
+                ev_ret.append(ret_i[i])
+                ev_viol.append(float(viol_i[i]))
+                logger.log_episode(global_step, ret_i[i], float(viol_i[i]), 0, prefix="eval")
+                done_eps += 1
+                q_eval[i], ret_i[i], viol_i[i] = INITIAL, 0.0, False
+        obs_t = torch.as_tensor(obs_np, device=device)
+    results.update(eval_game_reward=float(np.mean(ev_ret)), eval_violation_rate=float(np.mean(ev_viol)))
+    print(f"training violations={violations} eval game reward={results['eval_game_reward']:.3f} "
+          f"eval violation rate={results['eval_violation_rate']:.2f} ({results['SPS']:.0f} env steps/s)")
+    if args.save_model:
+        torch.save(agent.state_dict(), os.path.join(logger.run_dir, "psl_vizdoom.pt"))
+    env.close()
+    return results
+
+
 METHODS = ("psl", "zero-shot", "intrinsic-fear", "baseline")
 
 
@@ -522,8 +953,8 @@ def check_args(args: Args) -> None:
             if not 0.0 <= getattr(args, name) <= 1.0:
                 raise SystemExit(f"error: --{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)!r}")
     else:
-        check_positive(args, "total_timesteps", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
-                       "frame_stack", "doom_frame_skip", "doom_episode_tics", "hidden_size")
+        check_positive(args, "total_timesteps", "doom_eval_episodes", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
+                       "frame_stack", "torch_threads", "doom_frame_skip", "doom_episode_tics", "hidden_size")
     if args.penalty < 0 or args.doom_penalty < 0 or args.fear_factor < 0:
         raise SystemExit("error: --penalty, --doom-penalty and --fear-factor must be >= 0")
 
