@@ -16,7 +16,7 @@ Paper -> code
 - Xi, the abstraction (sec. 4, Assumption 3)         -> `abstraction_index()`: drop `goal_lidar`
 - eq. 4, auxiliary displacement reward              -> `SourceTask.step()`
 - cost limit d -> per-step discounted target d_bar   -> `per_step_cost_target()`
-- guide objective (eq. 3 + eq. 4), SAC-Lagrangian    -> `SACLagrangian.update()` with omega = 0, alpha fixed
+- guide: reward-free constrained RL + eq. 4        -> `SACLagrangian.update()` with omega = 0, alpha fixed
 - eq. 5, KL-regularised student objective           -> `kl_regularised_target()` (critic), `SACLagrangian.update()` (actor)
 - omega = beta (sec. 5.1)                            -> `kl_weight()`
 - composite sampling, control-switch / linear-decay  -> `control_switch()`, `linear_decay()`, the student loop
