@@ -473,6 +473,7 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
                 logger.console(global_step, f"episodes={episodes_done} safeguard={progression[stage] + 1} "
                                f"V(s0)={stage_v0[-1] if stage_v0 else float('nan'):.3f} violations={violations}")
             start_episodes(idx)
+    logger.console(global_step, f"episodes={episodes_done} violations={violations}")
     v_s0_per_stage[MINECRAFT_SAFEGUARDS[progression[stage]].name] = float(np.mean(stage_v0[-50:] or [np.nan]))
     check_finite("Q-table", torch.as_tensor(Q))
     train_time = time.time() - t0
@@ -501,6 +502,7 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
         "test_success": float(alive.mean()),
         "train_seconds": train_time,
         "env_steps": global_step,
+        "Q": Q,
     }
     logger.scalar("eval/success_rate", result["test_success"], global_step)
     print(f"V(s0)={result['V_s0']:.3f} training violations={violations} test success={100 * alive.mean():.0f}% "
