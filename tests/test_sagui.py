@@ -215,3 +215,12 @@ def test_bad_input_is_refused_clearly(flags, message, tmp_path):
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_smoke_same_seed_reproduces_on_cpu(guide_run, tmp_path):
+    flags = ["--guide-path", str(guide_run / "guide.pt"), *TINY[:-1], "400", "--learning-starts", "200"]
+    for name in ("a", "b"):
+        run_script("sagui.py", "--exp-name", name, *flags, cwd=tmp_path)
+    first, second = (read_scalars(d) for d in run_dirs(tmp_path))
+    for tag in ("losses/qr_loss", "losses/actor_loss", "charts/lagrange_multiplier", "eval/episodic_return"):
+        assert first[tag] == second[tag], tag
