@@ -182,6 +182,8 @@ class Args:
     """LBSGD smoothness constant m_1 of the constraint"""
 
     # run-time
+    torch_threads: int = 1
+    """CPU threads of torch (1: no oversubscription with the CPU's software renderer, much faster here; 0: torch's default)"""
     amp: bool = False
     """bfloat16 autocast for the model and imagination on a GPU (ignored on the CPU)"""
     eval_episodes: int = 1
@@ -415,7 +417,7 @@ def validate(args: Args) -> None:
     check_choice(args, "constraint", ["lagrangian", "lbsgd", "none"])
     for name in ("warmup_steps", "exploration_steps", "pessimism", "exploration_reward_scale", "epistemic_scale",
                  "initial_lagrangian", "penalty_power_factor", "lbsgd_eta_rate", "eval_episodes", "free_nats",
-                 "ensemble_init_jitter"):
+                 "ensemble_init_jitter", "torch_threads"):
         if getattr(args, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)!r}")
     if not 0 < args.gamma < 1:
@@ -443,6 +445,8 @@ if __name__ == "__main__":
     logger = Logger(run_name, args)
     seed_everything(args.seed, args.torch_deterministic)
     device = get_device(args.cuda)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     if args.amp and device.type != "cuda":
         print("--amp asks for mixed precision on a GPU; running in float32 on the CPU.", flush=True)
     autocast = lambda: torch.autocast("cuda", torch.bfloat16, enabled=args.amp and device.type == "cuda")  # noqa: E731
@@ -543,6 +547,7 @@ if __name__ == "__main__":
                     if name == "explore" and phase != "explore":
                         continue  # after the switch the exploration policy is no longer trained
                     cs = constraint_states[name]
+                    prefix = "" if name == "task" else "explore_"  # tags of the exploration actor-critic
                     with autocast():
                         actor_loss, critic_loss, ac_info = actor_critic_losses(
                             wm, ac, start, args, intrinsic=(name == "explore"), constraint_state=cs, budget=budget)
@@ -558,7 +563,7 @@ if __name__ == "__main__":
                         for p, gp in zip(params, g):
                             p.grad = gp * scale
                         cs["eta"] = cs["eta"] / (1 + args.lbsgd_eta_rate)
-                        metrics[f"charts/{name}_lbsgd_step_scale"] = scale.detach()
+                        metrics[f"charts/{prefix}lbsgd_step_scale"] = scale.detach()
                     else:
                         actor_loss.backward()
                     nn.utils.clip_grad_norm_(ac.actor.parameters(), args.grad_clip)
@@ -570,7 +575,6 @@ if __name__ == "__main__":
                     if args.constraint == "lagrangian":
                         cs["lagrange"] = ac_info["new_lagrange"]
                         cs["penalty"] = update_penalty(cs["penalty"], args.penalty_power_factor)
-                    prefix = "" if name == "task" else "explore_"
                     metrics.update({
                         f"losses/{prefix}actor_loss": actor_loss.detach(),
                         f"losses/{prefix}critic_loss": critic_loss.detach(),
@@ -579,10 +583,12 @@ if __name__ == "__main__":
                         f"charts/{prefix}imagined_cost": ac_info["imagined_cost"],
                         f"charts/{prefix}uncertainty_mean": ac_info["uncertainty"].mean(),
                         f"charts/{prefix}uncertainty_max": ac_info["uncertainty"].max(),
-                        f"charts/{prefix}lagrange_multiplier": cs["lagrange"],
-                        f"charts/{prefix}penalty_multiplier": cs["penalty"],
-                        f"charts/{prefix}barrier_eta": cs["eta"],
                     })
+                    if args.constraint == "lagrangian":
+                        metrics[f"charts/{prefix}lagrange_multiplier"] = cs["lagrange"]
+                        metrics[f"charts/{prefix}penalty_multiplier"] = cs["penalty"]
+                    elif args.constraint == "lbsgd":
+                        metrics[f"charts/{prefix}barrier_eta"] = cs["eta"]
                 updates += 1
             # once per round: NaN guard and logging (the only host syncs of the learning step)
             check_finite("world-model loss", model_loss)
@@ -599,32 +605,33 @@ if __name__ == "__main__":
             next_log += args.log_every
             logger.scalar("charts/phase", 0.0 if phase == "explore" else 1.0, global_step)  # 0 expansion, 1 task
             logger.console(global_step, f"phase={phase} updates={updates}")
-    envs.close()
-
     if args.save_model:
         path = os.path.join(logger.run_dir, f"{args.exp_name}.cleanrl_model")
         torch.save({"world_model": wm.state_dict(), **{f"{k}_actor_critic": ac.state_dict() for k, ac in acs.items()},
                     "args": vars(args)}, path)
         print(f"model saved to {path}", flush=True)
 
-    # final evaluation: the task policy's deterministic action, filtering its own observations
-    if args.eval_episodes > 0:
-        eval_envs = make_vector_env(args.env_id, args.eval_episodes, args.seed + 10_000, vision=True, image_size=64,
-                                    action_repeat=args.action_repeat)
-        obs, _ = eval_envs.reset(seed=args.seed + 10_000)
-        state = wm.rssm.initial(args.eval_episodes, device)
-        prev = torch.zeros(args.eval_episodes, action_dim, device=device)
-        finished = np.zeros(args.eval_episodes, bool)
-        while not finished.all():
-            with torch.no_grad(), autocast():
-                embed = wm.encoder(wm.preprocess(torch.as_tensor(obs, device=device)))
-                state, _ = wm.rssm.obs_step(state, prev, embed)
-                prev = task_ac.actor(RSSM.features(state), deterministic=True).float()
-            obs, _, _, _, _, info = eval_envs.step(to_env(prev.cpu().numpy()))
-            for i, episode in finished_episodes(info):
-                if not finished[i]:
-                    finished[i] = True
-                    logger.log_episode(global_step, episode["r"], episode["c"], episode["l"], prefix="eval")
-                    print(f"eval episode {i}: return={episode['r']:.2f} cost={episode['c']:.2f}", flush=True)
-        eval_envs.close()
+    # final evaluation: the task policy's deterministic action, filtering its own observations, on the training
+    # environments reset with a new seed (building Vision environments costs seconds each on a CPU)
+    eval_returns, eval_costs = [], []
+    obs, _ = envs.reset(seed=args.seed + 10_000)
+    state = wm.rssm.initial(args.num_envs, device)
+    prev = torch.zeros(args.num_envs, action_dim, device=device)
+    while len(eval_returns) < args.eval_episodes:
+        with torch.no_grad(), autocast():
+            embed = wm.encoder(wm.preprocess(torch.as_tensor(obs, device=device)))
+            state, _ = wm.rssm.obs_step(state, prev, embed)
+            prev = task_ac.actor(RSSM.features(state), deterministic=True).float()
+        obs, _, _, terminated, truncated, info = envs.step(to_env(prev.cpu().numpy()))
+        keep = torch.as_tensor(~np.logical_or(terminated, truncated), device=device, dtype=torch.float32)[:, None]
+        state, prev = {k: v * keep for k, v in state.items()}, prev * keep
+        for _, episode in finished_episodes(info):
+            if len(eval_returns) < args.eval_episodes:
+                eval_returns.append(episode["r"])
+                eval_costs.append(episode["c"])
+                logger.log_episode(global_step, episode["r"], episode["c"], episode["l"], prefix="eval")
+    if eval_returns:
+        print(f"eval: {len(eval_returns)} episodes, return {np.mean(eval_returns):.2f}, cost {np.mean(eval_costs):.2f}",
+              flush=True)
+    envs.close()
     logger.close()

@@ -1,0 +1,244 @@
+"""Tests of actsafe.py: the paper's formulas against hand computations, gradient routing, input checks, smoke runs."""
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import actsafe
+from actsafe import (
+    ActorCritic,
+    Args,
+    WorldModel,
+    actor_critic_losses,
+    augmented_lagrangian,
+    epistemic_uncertainty,
+    lambda_returns,
+    lbsgd_step_scale,
+    log_barrier,
+    pessimistic_cost,
+    safety_budget,
+    update_penalty,
+    validate,
+)
+from conftest import read_scalars, run_dirs, run_script
+
+TINY = dict(deter_dim=16, stoch_dim=4, hidden_dim=16, cnn_depth=4, head_units=16, actor_units=16, critic_units=16,
+            ensemble_size=3, imag_horizon=4)
+
+
+# ---- the uncertainty, the pessimistic cost, the budget ----------------------------------------------------------
+
+def test_uncertainty_by_hand():
+    # two members, two dims: means (0, 0) and (2, 0); all stds 1
+    ens_mean = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    ens_std = torch.ones(2, 2)
+    # Var over members per dim = (1, 0) -> mean over dims 0.5; aleatoric = mean of sigma^2 = 1
+    expected = 0.5 * math.log(1 + 0.5 / (1 + 1e-5))
+    assert epistemic_uncertainty(ens_mean, ens_std).item() == pytest.approx(expected, rel=1e-6)
+    # the scale s multiplies the ratio inside the log
+    assert epistemic_uncertainty(ens_mean, ens_std, scale=3.0).item() == pytest.approx(
+        0.5 * math.log(1 + 1.5 / (1 + 1e-5)), rel=1e-6)
+    # stds 2 -> aleatoric 4
+    assert epistemic_uncertainty(ens_mean, 2 * ens_std).item() == pytest.approx(0.5 * math.log(1 + 0.5 / (4 + 1e-5)), rel=1e-6)
+
+
+def test_uncertainty_is_zero_when_members_agree_and_batched():
+    mean = torch.randn(1, 6, 4).expand(5, 6, 4)  # five identical members, batch 6
+    std = torch.rand(5, 6, 4) + 0.1
+    u = epistemic_uncertainty(mean, std)
+    assert u.shape == (6,)
+    assert torch.all(u == 0)
+    # batched = one at a time
+    mean2 = torch.randn(5, 6, 4)
+    u2 = epistemic_uncertainty(mean2, std)
+    for n in range(6):
+        torch.testing.assert_close(u2[n], epistemic_uncertainty(mean2[:, n], std[:, n]))
+    assert (u2 > 0).all()
+
+
+def test_pessimistic_cost_by_hand():
+    ens_costs = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # (E=2, N=2)
+    u = torch.tensor([0.5, 1.0])
+    torch.testing.assert_close(pessimistic_cost(ens_costs, u, 0.1), torch.tensor([2.05, 3.1]))
+    torch.testing.assert_close(pessimistic_cost(ens_costs, u, 0.0), torch.tensor([2.0, 3.0]))
+
+
+def test_safety_budget():
+    assert safety_budget(25, 1000, 0.99) == pytest.approx(2.5)
+
+
+# ---- lambda-returns ----------------------------------------------------------------------------------------------
+
+def slow_lambda_return(r, v, gamma, lam, t):
+    """The lambda-return as the lambda-weighted average of n-step returns (Sutton & Barto 12.1, truncated at H)."""
+    H = len(r)
+
+    def n_step(n):  # G_t^(n) = sum_{k<n} gamma^k r_{t+k} + gamma^n v_{t+n}
+        return sum(gamma**k * r[t + k] for k in range(n)) + gamma**n * v[t + n]
+
+    last = H - t
+    return (1 - lam) * sum(lam ** (n - 1) * n_step(n) for n in range(1, last)) + lam ** (last - 1) * n_step(last)
+
+
+def test_lambda_returns_match_a_slow_reference():
+    rng = np.random.default_rng(0)
+    H, N, gamma, lam = 6, 3, 0.9, 0.8
+    r, v = rng.normal(size=(H, N)), rng.normal(size=(H + 1, N))
+    fast = lambda_returns(torch.tensor(r), torch.tensor(v), gamma, lam).numpy()
+    for n in range(N):
+        for t in range(H):
+            assert fast[t, n] == pytest.approx(slow_lambda_return(r[:, n], v[:, n], gamma, lam, t), rel=1e-10)
+    # lambda = 1: Monte-Carlo return bootstrapped at the end; lambda = 0: one-step TD targets
+    mc = lambda_returns(torch.tensor(r), torch.tensor(v), gamma, 1.0).numpy()
+    assert mc[0, 0] == pytest.approx(sum(gamma**k * r[k, 0] for k in range(H)) + gamma**H * v[H, 0])
+    td = lambda_returns(torch.tensor(r), torch.tensor(v), gamma, 0.0).numpy()
+    np.testing.assert_allclose(td, r + gamma * v[1:])
+
+
+# ---- the constraint handlers --------------------------------------------------------------------------------------
+
+def test_augmented_lagrangian_by_hand():
+    lam, c = torch.tensor(0.5), torch.tensor(2.0)
+    # violated (slack -1): g = 1, lambda + c g = 2.5 > 0 -> psi = lambda g + c/2 g^2 = 1.5; lambda <- 2.5
+    psi, new = augmented_lagrangian(torch.tensor(-1.0), lam, c)
+    assert psi.item() == pytest.approx(1.5) and new.item() == pytest.approx(2.5)
+    # satisfied with margin (slack 1): g = -1, lambda + c g = -1.5 <= 0 -> psi = -lambda^2 / (2c); lambda <- 0
+    psi, new = augmented_lagrangian(torch.tensor(1.0), lam, c)
+    assert psi.item() == pytest.approx(-0.0625) and new.item() == 0.0
+    # satisfied, small margin (slack 0.1): g = -0.1, 0.5 - 0.2 = 0.3 > 0 -> psi = -0.05 + 0.01; lambda <- 0.3
+    psi, new = augmented_lagrangian(torch.tensor(0.1), lam, c)
+    assert psi.item() == pytest.approx(-0.04) and new.item() == pytest.approx(0.3)
+    # the gradient of psi w.r.t. the slack is -(lambda + c g) on the active branch and 0 on the other
+    slack = torch.tensor(-1.0, requires_grad=True)
+    augmented_lagrangian(slack, lam, c)[0].backward()
+    assert slack.grad.item() == pytest.approx(-2.5)
+
+
+def test_penalty_grows_and_saturates():
+    assert update_penalty(torch.tensor(5e-8), 8e-6).item() == pytest.approx(5e-8 * (1 + 8e-6))
+    assert update_penalty(torch.tensor(0.9999999), 0.5).item() == 1.0
+
+
+def test_log_barrier_guards_non_positive_slack():
+    term, feasible = log_barrier(torch.tensor([2.0, 0.0, -1.0]), 0.1)
+    assert feasible.tolist() == [True, False, False]
+    assert term[0].item() == pytest.approx(-0.1 * math.log(2.0))
+    assert torch.isfinite(term).all() and term[1:].abs().max() == 0
+    slack = torch.tensor(-3.0, requires_grad=True)
+    log_barrier(slack, 0.1)[0].backward()
+    assert torch.isfinite(slack.grad)
+
+
+def test_lbsgd_step_scale_by_hand():
+    # theta = 0 (orthogonal gradients); slack 1, m1 4 -> lhs = 1 / sqrt(4) = 0.5; m2 = 1 + 10 * 0.1 * 4 = 5 -> 0.2
+    scale = lbsgd_step_scale(torch.tensor(1.0), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]),
+                             eta=0.1, m0=1.0, m1=4.0, base_lr=0.1)
+    assert scale.item() == pytest.approx(2.0, rel=1e-5)
+
+
+# ---- gradient routing ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("constraint", ["lagrangian", "lbsgd", "none"])
+def test_actor_loss_reaches_only_the_actor(constraint):
+    torch.manual_seed(0)
+    args = Args(**TINY, constraint=constraint, pessimism=0.5)
+    wm, ac = WorldModel(2, args), ActorCritic(20, 2, args)
+    other = ActorCritic(20, 2, args)  # e.g. the other phase's actor-critic: untouched
+    start = {"deter": torch.randn(8, 16), "stoch": torch.randn(8, 4)}
+    state = {"lagrange": torch.tensor(1e-1), "penalty": torch.tensor(1.0), "eta": torch.tensor(0.1)}
+    for intrinsic in (False, True):
+        for m in (wm, ac, other):
+            m.zero_grad(set_to_none=True)
+        actor_loss, critic_loss, info = actor_critic_losses(wm, ac, start, args, intrinsic, state, budget=2.5)
+        actor_loss.backward(retain_graph=True)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ac.actor.parameters())
+        for module in (wm, ac.critic, ac.cost_critic, other):
+            assert all(p.grad is None for p in module.parameters()), type(module).__name__
+        assert all(p.requires_grad for p in wm.parameters())  # unfrozen afterwards
+        actor_grads = [p.grad.clone() for p in ac.actor.parameters()]
+        critic_loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ac.critic.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ac.cost_critic.parameters())
+        assert all(p.grad is None for p in wm.parameters())
+        for before, p in zip(actor_grads, ac.actor.parameters()):
+            torch.testing.assert_close(before, p.grad)  # the critic loss adds nothing to the actor
+        assert info["uncertainty"].shape == (args.imag_horizon, 8)
+
+
+def test_intrinsic_reward_is_the_scaled_uncertainty():
+    torch.manual_seed(0)
+    args = Args(**TINY, exploration_reward_scale=10.0)
+    wm, ac = WorldModel(2, args), ActorCritic(20, 2, args)
+    traj = actsafe.imagine(wm, ac.actor, {"deter": torch.randn(8, 16), "stoch": torch.randn(8, 4)}, 4)
+    out = actsafe.imagined_rewards_and_costs(wm, traj, args, intrinsic=True)
+    u = epistemic_uncertainty(traj["ens_mean"].transpose(0, 1), traj["ens_std"].transpose(0, 1))
+    torch.testing.assert_close(out["reward"], 10.0 * u)
+    assert (u > 0).all()  # the jittered members disagree
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    (dict(cost_limit=0.0), "--cost-limit must be positive"),
+    (dict(cost_limit=-5.0), "--cost-limit must be positive"),
+    (dict(constraint="pid"), "--constraint must be one of lagrangian, lbsgd, none"),
+    (dict(exploration="random"), "--exploration must be one of optimistic, greedy"),
+    (dict(pessimism=-1.0), "--pessimism must be >= 0"),
+    (dict(ensemble_size=1), "--ensemble-size must be >= 2"),
+    (dict(gamma=1.0), "--gamma must be in"),
+    (dict(store_chunk=10, sequence_length=50), "--store-chunk"),
+    (dict(capture_video=True), "--capture-video is not supported"),
+    (dict(env_id="SafetyPointGaol1"), "Closest valid ids: SafetyPointGoal1"),
+])
+def test_bad_input_is_rejected_with_a_message(change, message):
+    with pytest.raises(SystemExit, match=message):
+        validate(dataclasses.replace(Args(), **change))
+
+
+# ---- smoke tests: the real script, as a user runs it ----------------------------------------------------------------
+
+def tiny_flags(**kw):
+    flags = dict(num_envs=1, batch_size=2, sequence_length=8, store_chunk=50, train_steps=2, log_every=250,
+                 **{k: v for k, v in TINY.items()})
+    flags.update(kw)
+    out = []
+    for k, v in flags.items():
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+def test_smoke_actsafe_crosses_the_phase_switch(tmp_path):
+    # 1000 env steps = one Safety-Gym episode; warm-up 250, expansion until 500, then the task policy
+    run_script("actsafe.py", "--env-id", "SafetyPointGoal1", *tiny_flags(
+        total_timesteps=1000, warmup_steps=250, exploration_steps=500, train_every=250, eval_episodes=0), cwd=tmp_path)
+    (run,) = run_dirs(tmp_path)
+    assert run.name.startswith("SafetyPointGoal1-v0__actsafe__1__")
+    s = read_scalars(run)
+    for tag in ["charts/episodic_return", "charts/episodic_cost", "charts/episodic_length", "charts/cost_rate",
+                "charts/SPS", "losses/model_loss", "losses/image_loss", "losses/reward_loss", "losses/cost_loss",
+                "losses/kl", "losses/actor_loss", "losses/critic_loss", "losses/explore_actor_loss",
+                "charts/uncertainty_mean", "charts/uncertainty_max", "charts/explore_uncertainty_mean",
+                "charts/lagrange_multiplier", "charts/imagined_cost", "charts/real_cost", "charts/phase"]:
+        assert tag in s, f"{tag} missing; logged: {sorted(s)}"
+        assert all(np.isfinite(v) for _, v in s[tag]), tag
+    phases = {step: v for step, v in s["charts/phase"]}
+    assert phases[500] == 0.0 and phases[1000] == 1.0  # expansion, then the hard switch to the task policy
+    assert max(step for step, _ in s["losses/explore_actor_loss"]) <= 500  # exploration AC stops training
+    assert s["charts/episodic_length"][0][1] == 500  # 1000 env steps with action repeat 2
+    assert s["charts/updates"][-1][1] == 8  # 4 rounds (steps 250, 500, 750, 1000) of 2 updates
+
+
+def test_smoke_actsafe_lbsgd_greedy_eval_and_save(tmp_path):
+    run_script("actsafe.py", "--env-id", "SafetyPointGoal1-v0", "--constraint", "lbsgd", "--exploration", "greedy",
+               "--save-model", *tiny_flags(total_timesteps=100, warmup_steps=50, train_every=50, store_chunk=20, eval_episodes=1),
+               cwd=tmp_path)
+    (run,) = run_dirs(tmp_path)
+    s = read_scalars(run)
+    assert "eval/episodic_return" in s and "eval/episodic_cost" in s
+    assert "charts/barrier_eta" in s and "charts/lagrange_multiplier" not in s
+    assert not any(tag.startswith("losses/explore_") for tag in s)  # greedy: no exploration actor-critic
+    assert os.path.exists(run / "actsafe.cleanrl_model")
