@@ -387,6 +387,7 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
     stage, stage_v0, episodes_started, episodes_done, violations = 0, [], 0, 0, 0
     stage_budget = args.total_episodes // len(progression)
     v_s0_per_stage, global_step = {}, 0
+    v0_curve, violation_curve = [], []  # per episode started / finished (for the benchmark's plots)
 
     def start_episodes(idx):
         nonlocal episodes_started, stage
@@ -402,6 +403,7 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
             stage_of_env[i], q[i] = progression[stage], start_q
             v0 = Q[(start_q if product else 0, *GRID_START)].max()
             stage_v0.append(v0)
+            v0_curve.append(v0)
             logger.scalar("charts/V_s0", v0, global_step)
             episodes_started += 1
         env.reset(idx)
@@ -465,6 +467,7 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
                     cells = recent_pos[(recent_len[i] - 1 - np.arange(m)) % args.fear_radius, i]
                     np.add.at(fear.danger if violated[i] else fear.safe, (cells[:, 0], cells[:, 1]), 1)
                 violations += int(violated[i])
+                violation_curve.append(violations)
                 episodes_done += 1
                 logger.log_episode(global_step, ep_ret[i], float(violated[i]), ep_len[i])
             logger.scalar("charts/violations", violations, global_step)
@@ -503,6 +506,8 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
         "train_seconds": train_time,
         "env_steps": global_step,
         "Q": Q,
+        "V_s0_curve": np.array(v0_curve),
+        "violation_curve": np.array(violation_curve),
     }
     logger.scalar("eval/success_rate", result["test_success"], global_step)
     print(f"V(s0)={result['V_s0']:.3f} training violations={violations} test success={100 * alive.mean():.0f}% "
