@@ -380,10 +380,10 @@ def actor_critic_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args
     with frozen(wm, ac.critic, ac.cost_critic):
         traj = imagine(wm, ac.actor, start, args.imag_horizon)
         out = imagined_rewards_and_costs(wm, traj, args, intrinsic)
-        values = ac.critic(traj["feats"]).squeeze(-1)  # (H+1, N)
-        cost_values = ac.cost_critic(traj["feats"]).squeeze(-1)
-        returns = lambda_returns(out["reward"], values, args.gamma, args.lambda_)
-        cost_returns = lambda_returns(out["cost"], cost_values, args.gamma, args.lambda_)
+        values = ac.critic(traj["feats"]).squeeze(-1).float()  # (H+1, N); returns in float32 even under autocast
+        cost_values = ac.cost_critic(traj["feats"]).squeeze(-1).float()
+        returns = lambda_returns(out["reward"].float(), values, args.gamma, args.lambda_)
+        cost_returns = lambda_returns(out["cost"].float(), cost_values, args.gamma, args.lambda_)
         objective = returns.mean()
         slack = budget - cost_returns.mean()  # >= 0 when the (pessimistic) imagined cost is within budget
         if args.constraint == "lagrangian":
@@ -399,8 +399,8 @@ def actor_critic_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args
             actor_loss = -objective
             info = {"constraint_term": torch.zeros(())}
     feats = traj["feats"][:-1].detach()
-    critic_loss = 0.5 * (ac.critic(feats).squeeze(-1) - returns.detach()).pow(2).mean()
-    critic_loss = critic_loss + 0.5 * (ac.cost_critic(feats).squeeze(-1) - cost_returns.detach()).pow(2).mean()
+    critic_loss = 0.5 * (ac.critic(feats).squeeze(-1).float() - returns.detach()).pow(2).mean()
+    critic_loss = critic_loss + 0.5 * (ac.cost_critic(feats).squeeze(-1).float() - cost_returns.detach()).pow(2).mean()
     info.update(slack=slack, objective=objective.detach(), cost_return=cost_returns.mean().detach(),
                 uncertainty=out["uncertainty"], imagined_cost=out["model_cost"].mean())
     return actor_loss, critic_loss, info
@@ -534,7 +534,8 @@ if __name__ == "__main__":
                 image_loss = 0.5 * (recon.float() - wm.preprocess(batch["obs"])).pow(2).sum((-3, -2, -1)).mean()
                 reward_loss = 0.5 * (heads[..., 0].float() - batch["reward"]).pow(2).mean()
                 cost_loss = 0.5 * (heads[..., 1].float() - batch["cost"]).pow(2).mean()
-                kl_loss, kl_value = balanced_kl_loss(posts, priors, args.kl_balance, args.free_nats)
+                kl_loss, kl_value = balanced_kl_loss({k: v.float() for k, v in posts.items()},
+                                                     {k: v.float() for k, v in priors.items()}, args.kl_balance, args.free_nats)
                 model_loss = image_loss + reward_loss + cost_loss + args.kl_scale * kl_loss
                 model_opt.zero_grad(set_to_none=True)
                 model_loss.backward()
