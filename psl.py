@@ -907,7 +907,8 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
         logger.console(global_step, f"safeguard={progression[stage]} violations={violations}")
     train_seconds = time.time() - start_time
 
-    # Final evaluation: greedy-sampled episodes under the final safeguard (monitored, not terminated)
+    # Final evaluation: episodes with actions sampled from the policy, scored against the final safeguard
+    # (monitored, not terminated: a violation is counted and the episode goes on)
     results = {"training_violations": violations, "env_steps": global_step, "train_seconds": train_seconds,
                "SPS": global_step / max(train_seconds, 1e-9)}
     eval_env, sg_final = env, DOOM_SAFEGUARDS[final]
@@ -915,12 +916,11 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
     for i in range(n):
         eval_env.reset_one(i)
     q_eval, ret_i, viol_i = [INITIAL] * n, np.zeros(n), np.zeros(n, dtype=bool)
-    guarded_eval = guarded
     obs_t = torch.as_tensor(eval_env.obs(), device=device)
     while done_eps < args.doom_eval_episodes:
         with torch.no_grad():
             out = torch.zeros((n, len(space.names)), device=device)
-            if guarded_eval:
+            if guarded:
                 for i in range(n):
                     out[i, space.index[q_eval[i]] if q_eval[i] != SINK else 0] = 1.0
             action, _, _, _ = agent.get_action_and_value(obs_t, out)
