@@ -316,3 +316,17 @@ def test_bad_input_is_rejected_clearly(tmp_path, bad, message):
                           timeout=120)  # fmt: skip
     assert proc.returncode != 0 and message in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_same_seed_reproduces_the_gridworld_run(tmp_path):
+    kw = dict(method="psl", total_episodes=60, max_episode_steps=40, num_envs=4, epsilon=0.1, alpha=0.9, gamma=0.9,
+              slip_probability=0.05, progression="fixed")  # fmt: skip
+    a, b = (psl.Args(seed=3, eval_episodes=3, **kw) for _ in range(2))
+    runs = []
+    for k, args in enumerate((a, b, psl.Args(seed=4, eval_episodes=3, **kw))):
+        logger = psl.Logger(f"r{k}", args, root=str(tmp_path), quiet=True)
+        runs.append(psl.run_gridworld(args, logger))
+        logger.close()
+    np.testing.assert_array_equal(runs[0]["Q"], runs[1]["Q"])
+    assert runs[0]["training_violations"] == runs[1]["training_violations"]
+    assert not np.array_equal(runs[0]["Q"], runs[2]["Q"])
