@@ -238,7 +238,8 @@ def augmented_lagrangian(slack: torch.Tensor, lagrange: torch.Tensor, penalty: t
     g = -slack  # the constraint as g <= 0
     # eq. 17.65: psi = lambda g + c/2 g^2 if lambda + c g > 0, else -lambda^2 / (2c)
     psi = torch.where(lagrange + penalty * g > 0, lagrange * g + 0.5 * penalty * g**2, -(lagrange**2) / (2 * penalty))
-    new_lagrange = torch.clamp(lagrange + penalty * g.detach(), min=0.0)  # eq. 17.66: lambda <- max(0, lambda + c g)
+    # eq. 17.65, multiplier update: lambda <- max(0, lambda + c g)
+    new_lagrange = torch.clamp(lagrange + penalty * g.detach(), min=0.0)
     return psi, new_lagrange
 
 
