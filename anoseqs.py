@@ -498,7 +498,7 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
         interval_scores, score_time = [], 0.0
         all_scores, all_costs = [], []
     interval_flagged = interval_steps = 0
-    updates = 0
+    updates = actor_updates = 0
     start_time = time.time()
     num_iterations = -(-total_timesteps // args.num_envs)
     for iteration in range(1, num_iterations + 1):
@@ -579,6 +579,7 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
                 actor_optimizer.zero_grad()
                 actor_loss.backward()
                 actor_optimizer.step()
+                actor_updates += 1
                 if lagrangian:  # projected gradient ascent on the multiplier
                     lagrange_multiplier = max(0.0, lagrange_multiplier + args.lagrange_lr * (qc_pi.item() - qc_limit))
                 with torch.no_grad():
@@ -594,6 +595,7 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
                 logger.scalar("losses/qf1_loss", qf1_loss.item(), global_step)
                 logger.scalar("losses/qf2_loss", qf2_loss.item(), global_step)
                 logger.scalar("losses/actor_loss", actor_loss.item(), global_step)
+                logger.scalar("charts/actor_updates_per_critic_update", actor_updates / updates, global_step)
                 if lagrangian:
                     logger.scalar("losses/qc_loss", qc_loss.item(), global_step)
                     logger.scalar("charts/lagrange_multiplier", lagrange_multiplier, global_step)

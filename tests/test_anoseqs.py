@@ -191,6 +191,9 @@ def test_smoke_pipeline_all_stages(pipeline):
     frac = [v for _, v in scalars["charts/penalised_fraction"]]
     assert all(0.0 <= f <= 1.0 for f in frac)
     assert scalars["charts/cost_rate"][-1][0] == 1000  # the last step logged is the budget
+    # TD3's delayed policy update: one actor update every policy_frequency (2) critic updates, not every step;
+    # 400 critic updates (steps 202..1000 with 2 envs) -> 200 actor updates
+    assert scalars["charts/actor_updates_per_critic_update"][-1][1] == pytest.approx(0.5)
     with np.load(run / "source_data.npz") as f:
         assert f["obs"].shape == (1000 + 2, 28)  # 2 envs x (reset row + 500 steps); the empty new episodes dropped
         assert f["episode_start"].tolist().count(0) == 501
