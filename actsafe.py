@@ -522,7 +522,7 @@ if __name__ == "__main__":
         # ---- learn: `train_steps` updates every `train_every` environment steps once warm
         if global_step >= next_train and buffer.episodes:
             next_train += args.train_every
-            metrics = {}
+            metrics, round_start = {}, time.time()
             for _ in range(args.train_steps):
                 batch = buffer.sample(args.batch_size, args.sequence_length)
                 # world model: reconstruction + reward + cost NLL + balanced KL against one random member per step
@@ -599,7 +599,8 @@ if __name__ == "__main__":
                             "losses/reward_loss": reward_loss.detach(), "losses/cost_loss": cost_loss.detach(),
                             "losses/kl": kl_value, "charts/real_cost": batch["cost"].mean()})
             for tag, value in metrics.items():
-                logger.scalar(tag, value.item(), global_step)
+                logger.scalar(tag, value.item(), global_step)  # .item() syncs, so the round's time is complete
+            logger.scalar("charts/updates_per_s", args.train_steps / (time.time() - round_start), global_step)
             logger.scalar("charts/updates", updates, global_step)
             logger.scalar("charts/phase", 0.0 if phase == "explore" else 1.0, global_step)
             logger.scalar("charts/safety_budget", budget, global_step)

@@ -220,7 +220,8 @@ def test_smoke_actsafe_crosses_the_phase_switch(tmp_path):
     s = read_scalars(run)
     for tag in ["charts/episodic_return", "charts/episodic_cost", "charts/episodic_length", "charts/cost_rate",
                 "charts/SPS", "losses/model_loss", "losses/image_loss", "losses/reward_loss", "losses/cost_loss",
-                "losses/kl", "losses/actor_loss", "losses/critic_loss", "losses/explore_actor_loss",
+                "losses/kl", "charts/updates_per_s", "losses/actor_loss", "losses/critic_loss",
+                "losses/explore_actor_loss",
                 "charts/uncertainty_mean", "charts/uncertainty_max", "charts/explore_uncertainty_mean",
                 "charts/lagrange_multiplier", "charts/imagined_cost", "charts/real_cost", "charts/phase"]:
         assert tag in s, f"{tag} missing; logged: {sorted(s)}"
