@@ -32,6 +32,7 @@ Deviations (reasons in docs/actsafe.md):
   members at once); the reward uses the sampled continuing state.
 - An unfinished episode is stored in the replay as a sequence of its own once it holds `--store-chunk` agent
   steps (default: the whole Safety-Gym episode, so by default nothing changes); this lets tiny runs train.
+- The augmented Lagrangian is the default constraint handler (as the issue asks); the authors' default is LBSGD.
 - Warm-up actions are uniform in [-1, 1] (the authors' code used [0, 1] by mistake).
 - `--capture-video` is not supported (rendering is the bottleneck on CPU); it is rejected with a message.
 """
