@@ -243,3 +243,18 @@ def test_smoke_actsafe_lbsgd_greedy_eval_and_save(tmp_path):
     assert "charts/barrier_eta" in s and "charts/lagrange_multiplier" not in s
     assert not any(tag.startswith("losses/explore_") for tag in s)  # greedy: no exploration actor-critic
     assert os.path.exists(run / "actsafe.cleanrl_model")
+
+
+def test_same_seed_same_imagination_on_cpu():
+    # member draws, policy samples and initialisation all come from torch's seeded generator
+    def losses(seed):
+        torch.manual_seed(seed)
+        args = Args(**TINY)
+        wm, ac = WorldModel(2, args), ActorCritic(20, 2, args)
+        start = {"deter": torch.randn(8, 16), "stoch": torch.randn(8, 4)}
+        state = {"lagrange": torch.tensor(1e-4), "penalty": torch.tensor(5e-8), "eta": torch.tensor(0.1)}
+        actor_loss, critic_loss, _ = actor_critic_losses(wm, ac, start, args, True, state, budget=2.5)
+        return actor_loss.item(), critic_loss.item()
+
+    assert losses(3) == losses(3)
+    assert losses(3) != losses(4)
