@@ -44,6 +44,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -95,7 +96,7 @@ class Args:
     """each action is repeated this many environment steps; rewards and costs are summed"""
     warmup_steps: int = 5000
     """environment steps of uniform random actions before the first model update"""
-    exploration: str = "optimistic"
+    exploration: Literal["optimistic", "greedy"] = "optimistic"
     """'optimistic': ActSafe's expansion phase with the uncertainty as reward; 'greedy': the task policy acts all along"""
     exploration_steps: int = 500_000
     """environment steps of the expansion phase (the exploration policy acts), then the task policy acts"""
@@ -105,7 +106,7 @@ class Args:
     """s in u_t = 0.5 log(1 + s * disagreement / aleatoric variance)"""
     pessimism: float = 0.001
     """alpha in the pessimistic imagined cost c + alpha * u_t (0: no pessimism)"""
-    constraint: str = "lagrangian"
+    constraint: Literal["lagrangian", "lbsgd", "none"] = "lagrangian"
     """how the cost constraint is handled: 'lagrangian' (augmented Lagrangian), 'lbsgd' (log barrier), 'none'"""
     cost_limit: float = 25.0
     """the cost budget d per episode"""
