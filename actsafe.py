@@ -30,8 +30,8 @@ Deviations (reasons in docs/actsafe.md):
   constants m_0, m_1, eta, eta_rate are this script's choice (the notes do not give them).
 - The imagined cost of each member is the cost head applied to that member's prior MEAN (one head call for all
   members at once); the reward uses the sampled continuing state.
-- An unfinished episode is stored in the replay as a sequence of its own once it holds `--store-chunk` agent
-  steps (default: the whole Safety-Gym episode, so by default nothing changes); this lets tiny runs train.
+- With `--store-chunk N > 0` an unfinished episode is stored in the replay as a sequence of its own once it holds N
+  rows; this lets tiny runs (the smoke tests) train before a 1000-step episode ends. Default 0: whole episodes.
 - The augmented Lagrangian is the default constraint handler (as the issue asks); the authors' default is LBSGD.
 - Warm-up actions are uniform in [-1, 1] (the authors' code used [0, 1] by mistake).
 - `--capture-video` is not supported (rendering is the bottleneck on CPU); it is rejected with a message.
@@ -120,8 +120,8 @@ class Args:
     """updates (world model and actor-critics) per round"""
     buffer_capacity: int = 500_000
     """replay capacity in agent steps (1000 episodes of 500 agent steps)"""
-    store_chunk: int = 500
-    """an unfinished episode is stored as a sequence of its own once it holds this many agent steps"""
+    store_chunk: int = 0
+    """if > 0, an unfinished episode is stored as a sequence of its own once it holds this many rows (0: whole episodes)"""
     batch_size: int = 16
     """sequences per model update"""
     sequence_length: int = 50
@@ -412,7 +412,7 @@ def actor_critic_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args
 def validate(args: Args) -> None:
     """Reject bad input with a message naming the flag and what is accepted."""
     check_positive(args, "total_timesteps", "num_envs", "action_repeat", "train_every", "train_steps",
-                   "buffer_capacity", "store_chunk", "batch_size", "sequence_length", "deter_dim", "stoch_dim",
+                   "buffer_capacity", "batch_size", "sequence_length", "deter_dim", "stoch_dim",
                    "hidden_dim", "ensemble_size", "cnn_depth", "head_units", "actor_units", "critic_units",
                    "model_lr", "actor_lr", "critic_lr", "adam_eps", "grad_clip", "imag_horizon", "cost_limit",
                    "episode_length", "initial_penalty", "lbsgd_eta", "lbsgd_m0", "lbsgd_m1", "log_every")
@@ -430,8 +430,8 @@ def validate(args: Args) -> None:
             raise SystemExit(f"error: --{name.replace('_', '-').rstrip('-')} must be in [0, 1], got {getattr(args, name)!r}")
     if args.ensemble_size < 2:
         raise SystemExit(f"error: --ensemble-size must be >= 2 (the uncertainty is a disagreement), got {args.ensemble_size}")
-    if args.store_chunk < args.sequence_length:
-        raise SystemExit(f"error: --store-chunk ({args.store_chunk}) must be >= --sequence-length ({args.sequence_length})")
+    if args.store_chunk < 0 or 0 < args.store_chunk < args.sequence_length:
+        raise SystemExit(f"error: --store-chunk ({args.store_chunk}) must be 0 (whole episodes) or >= --sequence-length ({args.sequence_length})")
     if args.capture_video:
         raise SystemExit("error: --capture-video is not supported by actsafe.py (the observations are the video)")
     try:
@@ -512,7 +512,7 @@ if __name__ == "__main__":
         for i in range(args.num_envs):
             last_obs = info["final_observation"][i] if done[i] else next_obs[i]
             row = {"obs": last_obs, "action": action_np[i], "reward": np.float32(reward[i]), "cost": np.float32(cost[i])}
-            full = len(buffer.open.get(i, [])) + 1 >= args.store_chunk
+            full = args.store_chunk > 0 and len(buffer.open.get(i, [])) + 1 >= args.store_chunk
             buffer.add(row, i, done=bool(done[i]) or full)
             if done[i]:
                 buffer.add({"obs": next_obs[i], "action": zero_action, "reward": np.float32(0), "cost": np.float32(0)}, i)

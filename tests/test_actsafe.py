@@ -191,6 +191,7 @@ def test_intrinsic_reward_is_the_scaled_uncertainty():
     (dict(ensemble_size=1), "--ensemble-size must be >= 2"),
     (dict(gamma=1.0), "--gamma must be in"),
     (dict(store_chunk=10, sequence_length=50), "--store-chunk"),
+    (dict(store_chunk=-1), "--store-chunk"),
     (dict(capture_video=True), "--capture-video is not supported"),
     (dict(env_id="SafetyPointGaol1"), "Closest valid ids: SafetyPointGoal1"),
 ])
