@@ -956,7 +956,8 @@ def check_args(args: Args) -> None:
     check_positive(args, "num_envs", "eval_episodes", "converge_window", "converge_tol", "fear_radius")
     if args.env_id == "minecraft":
         check_positive(args, "total_episodes", "max_episode_steps", "alpha", "gamma", "transfer_depth")
-        for name in ("epsilon", "slip_probability"):
+        # alpha, gamma and the bias-transfer factor of eq. 7 are fractions, as epsilon and the slip probability
+        for name in ("epsilon", "slip_probability", "alpha", "gamma", "transfer_factor"):
             if not 0.0 <= getattr(args, name) <= 1.0:
                 raise SystemExit(f"error: --{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)!r}")
     else:

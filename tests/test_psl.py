@@ -310,6 +310,7 @@ def test_smoke_vizdoom(tmp_path, method):
     (["--env-id", "doom"], "--env-id must be one of minecraft, vizdoom"),
     (["--total-episodes", "0"], "--total-episodes must be positive"),
     (["--env-id", "vizdoom", "--total-timesteps", "-5"], "--total-timesteps must be positive"),
+    (["--transfer-factor", "-1"], "--transfer-factor must be in [0, 1]"),
 ])  # fmt: skip
 def test_bad_input_is_rejected_clearly(tmp_path, bad, message):
     proc = subprocess.run([sys.executable, str(REPO / "psl.py"), *bad], cwd=tmp_path, capture_output=True, text=True,
