@@ -242,6 +242,7 @@ def shaped_reward(mdp_reward, violated, accept_reward: float, penalty: float):
 def bias_transfer(Q, visited, sg: Safeguard, space: ProductSpace, q_id: int, cell, factor: float, depth: int):
     """eq. 7: first visit of product state (s, q): Q(s, q, .) = factor * mean of Q(s, q', .) over the
     ancestors q' of q (up to `depth` parent steps) already visited at s. Returns True if it transferred."""
+    # eq. 7: Q(s, q, .) <- factor * (1 / |N_k(q)|) * sum over q' in N_k(q) of Q(s, q', .)
     anc = [space.index[a] for a in sg.ancestors(space.names[q_id], depth)]
     anc = [a for a in anc if visited[(a, *cell)]]
     if anc:
@@ -422,7 +423,7 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
         labels = env.step(actions)
         r2, c2 = env.pos[:, 0], env.pos[:, 1]
         q2 = tables[stage_of_env, q, labels]  # def. 10: the safeguard steps on the label of the state reached
-        violated = q2 < 0
+        violated = q2 < 0  # eq. 4: the run is unsafe as soon as it enters the rejecting sink
         global_step += n
 
         # eq. 7: first visit of a product state -> initialise from its ancestor safeguard states (PSL only)
@@ -822,7 +823,7 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
             obs_np, game_r, labels, game_done = env.step(action.cpu().numpy())
             # def. 10: the safeguard steps on the labels of the state just reached (skipped at a game reset)
             q2 = [q[i] if game_done[i] else sg.step(q[i], labels[i]) for i in range(n)]
-            violated = np.array([q2[i] == SINK and q[i] != SINK for i in range(n)])
+            violated = np.array([q2[i] == SINK and q[i] != SINK for i in range(n)])  # eq. 4: entering the sink
             reward = shaped_reward(game_r, violated & guarded, 0.0, args.doom_penalty)  # eq. 5
             if fear_net is not None:
                 frames = torch.as_tensor(obs_np[:, -3:], device=device)
