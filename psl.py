@@ -558,7 +558,9 @@ def udmf_textmap() -> str:
     sectors (walked in opposite directions) becomes one two-sided linedef whose front is the first sector."""
 
     def block(kind, props):
-        fmt = lambda v: ("true" if v else "false") if isinstance(v, bool) else f'"{v}"' if isinstance(v, str) else v  # noqa: E731
+        def fmt(v):
+            return ("true" if v else "false") if isinstance(v, bool) else f'"{v}"' if isinstance(v, str) else v
+
         return kind + "\n{\n" + "".join(f"  {k} = {fmt(v)};\n" for k, v in props.items()) + "}"
 
     door, edges, verts, sides, out = len(DOOM_SECTORS) - 1, {}, [], [], ['namespace = "zdoom";']
@@ -590,7 +592,8 @@ def udmf_textmap() -> str:
         out.append(block("sector", {**base, **extra}))
     skills = {f"skill{i}": True for i in range(1, 6)}
     for x, y, angle, kind in DOOM_THINGS:
-        out.append(block("thing", {"x": float(x), "y": float(y), "angle": angle, "type": kind, **skills, "single": True}))
+        thing = {"x": float(x), "y": float(y), "angle": angle, "type": kind, **skills, "single": True}
+        out.append(block("thing", thing))
     return "\n".join(out) + "\n"
 
 
@@ -632,7 +635,8 @@ def doom_labels(gv) -> frozenset:
 
 
 def doom_reward(prev, gv, dead: bool) -> float:
-    """The notes' reward: +0.003 per damage point dealt, +0.01 per armor point gained, +1 for the weapon, -1 on death."""
+    """The notes' reward: +0.003 per damage point dealt, +0.01 per armor point gained, +1 for the weapon,
+    -1 on death."""
     return (0.003 * (gv[5] - prev[5]) + 0.01 * max(gv[2] - prev[2], 0.0) + 1.0 * float(gv[3] > 0 and prev[3] <= 0)
             - 1.0 * float(dead))  # fmt: skip
 
@@ -777,7 +781,9 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
     obs_buf = torch.zeros((args.num_steps, n, 3 * args.frame_stack, 60, 80), dtype=torch.uint8, device=device)
     q_buf = torch.zeros((args.num_steps, n, len(space.names)), device=device)
     actions_buf = torch.zeros((args.num_steps, n), dtype=torch.long, device=device)
-    logprobs_buf, rewards_buf, dones_buf, values_buf = (torch.zeros((args.num_steps, n), device=device) for _ in range(4))
+    logprobs_buf, rewards_buf, dones_buf, values_buf = (
+        torch.zeros((args.num_steps, n), device=device) for _ in range(4)
+    )
 
     stage, stage_v0, global_step, violations = 0, [], 0, 0
     q = [INITIAL] * n  # safeguard state of each env (the monitor of the final safeguard for baseline / fear)
@@ -877,7 +883,8 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
                 ratio = (newlogprob - b_logprobs[mb]).exp()
                 mb_adv = b_adv[mb]
                 mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std(unbiased=False) + 1e-8)
-                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                clipped = ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * clipped).mean()
                 v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
@@ -962,8 +969,12 @@ def check_args(args: Args) -> None:
             if not 0.0 <= getattr(args, name) <= 1.0:
                 raise SystemExit(f"error: --{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)!r}")
     else:
-        check_positive(args, "total_timesteps", "doom_eval_episodes", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
-                       "frame_stack", "torch_threads", "doom_frame_skip", "doom_episode_tics", "hidden_size")
+        check_positive(args, "total_timesteps", "doom_eval_episodes", "num_steps", "num_minibatches", "update_epochs",
+                       "learning_rate", "frame_stack", "torch_threads", "doom_frame_skip", "doom_episode_tics",
+                       "hidden_size")  # fmt: skip
+        a, b = args.doom_stage_fractions
+        if not 0.0 <= a <= b <= 1.0:
+            raise SystemExit(f"error: --doom-stage-fractions must be two increasing fractions in [0, 1], got {a} {b}")
     if args.penalty < 0 or args.doom_penalty < 0 or args.fear_factor < 0:
         raise SystemExit("error: --penalty, --doom-penalty and --fear-factor must be >= 0")
 

@@ -306,16 +306,22 @@ def test_smoke_vizdoom(tmp_path, method):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--method", "ppo"], "--method must be one of psl, zero-shot, intrinsic-fear, baseline"),
-    (["--env-id", "doom"], "--env-id must be one of minecraft, vizdoom"),
-    (["--total-episodes", "0"], "--total-episodes must be positive"),
-    (["--env-id", "vizdoom", "--total-timesteps", "-5"], "--total-timesteps must be positive"),
-    (["--transfer-factor", "-1"], "--transfer-factor must be in [0, 1]"),
+    ({"method": "ppo"}, "--method must be one of psl, zero-shot, intrinsic-fear, baseline"),
+    ({"env_id": "doom"}, "--env-id must be one of minecraft, vizdoom"),
+    ({"total_episodes": 0}, "--total-episodes must be positive"),
+    ({"env_id": "vizdoom", "total_timesteps": -5}, "--total-timesteps must be positive"),
+    ({"transfer_factor": -1.0}, "--transfer-factor must be in [0, 1]"),
+    ({"env_id": "vizdoom", "doom_stage_fractions": (0.5, 0.2)}, "--doom-stage-fractions must be two increasing"),
 ])  # fmt: skip
-def test_bad_input_is_rejected_clearly(tmp_path, bad, message):
-    proc = subprocess.run([sys.executable, str(REPO / "psl.py"), *bad], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
-    assert proc.returncode != 0 and message in proc.stderr + proc.stdout
+def test_bad_input_is_rejected_clearly(bad, message):
+    with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
+        psl.check_args(psl.Args(**bad))
+
+
+def test_bad_input_from_the_command_line_exits_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "psl.py"), "--method", "ppo"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and "--method must be one of psl" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
 
 
