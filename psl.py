@@ -658,6 +658,7 @@ class DoomVecEnv:
             g = vzd.DoomGame()
             g.set_doom_scenario_path(wad)
             g.set_doom_map("map01")
+            g.set_doom_config_path(os.path.join(os.path.dirname(os.path.abspath(wad)), "_vizdoom.ini"))  # not in cwd
             g.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
             g.set_screen_format(vzd.ScreenFormat.CRCGCB)
             g.set_render_hud(False)
