@@ -32,6 +32,9 @@ Deviations (see docs/psl.md for the reasons and the full list):
 - The gridworld runs `--num-envs` episodes side by side; each batch of updates reads one Q snapshot
   (`--num-envs 1` is plain sequential Q-learning).
 - The fifth gridworld safeguard is reconstructed (the code has four): both branches of safeguard 4 joined.
+- `--progression converge` also ends a safeguard at the latest at the fixed schedule's boundary.
+- Gridworld baseline and intrinsic fear learn on the MDP state only and get the final safeguard's signal
+  (the MDP has no task reward); tabular intrinsic fear uses counts as its classifier.
 - ViZDoom: synchronous PPO with a frame stack instead of APPO + GRU (sample-factory); tiny CPU budgets.
 - The LLM fine-tuning domain of the paper is out of scope.
 """
