@@ -6,8 +6,8 @@ Runs `actsafe.py` as a user would, with the default networks but a reduced sched
 10 updates every 1k steps on 8 x 32 sequences, expansion phase until 8k), then plots the world-model losses,
 the imagined epistemic uncertainty, the training episodes' return and cost, and the imagined vs real cost per
 step into docs/img/actsafe_short_run.png. This is NOT a learning benchmark (the paper trains for 5M steps with
-100 updates per 1k steps); it shows the mechanics on a CPU: the model's losses fall, and the uncertainty that
-drives the expansion phase shrinks as data comes in.
+100 updates per 1k steps); it shows the mechanics on a CPU: whether the model's losses fall, how the
+uncertainty that drives the expansion phase evolves, and the imagined vs real cost.
 """
 
 from __future__ import annotations
