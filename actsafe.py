@@ -97,7 +97,7 @@ class Args:
     warmup_steps: int = 5000
     """environment steps of uniform random actions before the first model update"""
     exploration: Literal["optimistic", "greedy"] = "optimistic"
-    """'optimistic': ActSafe's expansion phase with the uncertainty as reward; 'greedy': the task policy acts all along"""
+    """'optimistic': ActSafe's expansion phase (uncertainty as reward); 'greedy': the task policy acts all along"""
     exploration_steps: int = 500_000
     """environment steps of the expansion phase (the exploration policy acts), then the task policy acts"""
     exploration_reward_scale: float = 10.0
@@ -121,7 +121,7 @@ class Args:
     buffer_capacity: int = 500_000
     """replay capacity in agent steps (1000 episodes of 500 agent steps)"""
     store_chunk: int = 0
-    """if > 0, an unfinished episode is stored as a sequence of its own once it holds this many rows (0: whole episodes)"""
+    """if > 0, store an unfinished episode as a sequence of its own once it holds this many rows (0: whole episodes)"""
     batch_size: int = 16
     """sequences per model update"""
     sequence_length: int = 50
@@ -185,7 +185,7 @@ class Args:
 
     # run-time
     torch_threads: int = 1
-    """CPU threads of torch (1: no oversubscription with the CPU's software renderer, much faster here; 0: torch's default)"""
+    """torch CPU threads (1: no oversubscription with the software renderer, much faster here; 0: torch's default)"""
     amp: bool = False
     """bfloat16 autocast for the model and imagination on a GPU (ignored on the CPU)"""
     eval_episodes: int = 1
@@ -397,7 +397,8 @@ def actor_critic_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args
             barrier, feasible = log_barrier(slack, constraint_state["eta"])
             # infeasible: LBSGD's backup step descends the constraint f_1 = -slack only
             actor_loss = torch.where(feasible, -objective + barrier, -slack)
-            info = {"constraint_term": barrier.detach(), "feasible": feasible, "barrier_objective": -objective + barrier}
+            info = {"constraint_term": barrier.detach(), "feasible": feasible,
+                    "barrier_objective": -objective + barrier}
         else:
             actor_loss = -objective
             info = {"constraint_term": torch.zeros(())}
@@ -427,11 +428,14 @@ def validate(args: Args) -> None:
         raise SystemExit(f"error: --gamma must be in (0, 1) (the budget divides by 1 - gamma), got {args.gamma!r}")
     for name in ("lambda_", "kl_balance"):
         if not 0 <= getattr(args, name) <= 1:
-            raise SystemExit(f"error: --{name.replace('_', '-').rstrip('-')} must be in [0, 1], got {getattr(args, name)!r}")
+            flag = "--" + name.replace("_", "-").rstrip("-")
+            raise SystemExit(f"error: {flag} must be in [0, 1], got {getattr(args, name)!r}")
     if args.ensemble_size < 2:
-        raise SystemExit(f"error: --ensemble-size must be >= 2 (the uncertainty is a disagreement), got {args.ensemble_size}")
+        raise SystemExit(f"error: --ensemble-size must be >= 2 (the uncertainty is a disagreement), "
+                         f"got {args.ensemble_size}")
     if args.store_chunk < 0 or 0 < args.store_chunk < args.sequence_length:
-        raise SystemExit(f"error: --store-chunk ({args.store_chunk}) must be 0 (whole episodes) or >= --sequence-length ({args.sequence_length})")
+        raise SystemExit(f"error: --store-chunk ({args.store_chunk}) must be 0 (whole episodes) "
+                         f"or >= --sequence-length ({args.sequence_length})")
     if args.capture_video:
         raise SystemExit("error: --capture-video is not supported by actsafe.py (the observations are the video)")
     try:
@@ -471,7 +475,8 @@ if __name__ == "__main__":
     model_opt = adam(wm.parameters(), args.model_lr)
     acs = {"task": task_ac} if explore_ac is None else {"explore": explore_ac, "task": task_ac}
     actor_opts = {k: adam(ac.actor.parameters(), args.actor_lr) for k, ac in acs.items()}
-    critic_opts = {k: adam([*ac.critic.parameters(), *ac.cost_critic.parameters()], args.critic_lr) for k, ac in acs.items()}
+    critic_opts = {k: adam([*ac.critic.parameters(), *ac.cost_critic.parameters()], args.critic_lr)
+                   for k, ac in acs.items()}
     constraint_states = {k: {"lagrange": torch.tensor(args.initial_lagrangian, device=device),
                              "penalty": torch.tensor(args.initial_penalty, device=device),
                              "eta": torch.tensor(args.lbsgd_eta, device=device)} for k in acs}
@@ -511,11 +516,13 @@ if __name__ == "__main__":
         done = np.logical_or(terminated, truncated)
         for i in range(args.num_envs):
             last_obs = info["final_observation"][i] if done[i] else next_obs[i]
-            row = {"obs": last_obs, "action": action_np[i], "reward": np.float32(reward[i]), "cost": np.float32(cost[i])}
+            row = {"obs": last_obs, "action": action_np[i], "reward": np.float32(reward[i]),
+                   "cost": np.float32(cost[i])}
             full = args.store_chunk > 0 and len(buffer.open.get(i, [])) + 1 >= args.store_chunk
             buffer.add(row, i, done=bool(done[i]) or full)
             if done[i]:
-                buffer.add({"obs": next_obs[i], "action": zero_action, "reward": np.float32(0), "cost": np.float32(0)}, i)
+                first = {"obs": next_obs[i], "action": zero_action, "reward": np.float32(0), "cost": np.float32(0)}
+                buffer.add(first, i)  # the new episode's first row
         keep = torch.as_tensor(~done, device=device, dtype=torch.float32)[:, None]
         filter_state = {k: v * keep for k, v in filter_state.items()}
         prev_action = action * keep
@@ -538,7 +545,8 @@ if __name__ == "__main__":
                 reward_loss = 0.5 * (heads[..., 0].float() - batch["reward"]).pow(2).mean()
                 cost_loss = 0.5 * (heads[..., 1].float() - batch["cost"]).pow(2).mean()
                 kl_loss, kl_value = balanced_kl_loss({k: v.float() for k, v in posts.items()},
-                                                     {k: v.float() for k, v in priors.items()}, args.kl_balance, args.free_nats)
+                                                     {k: v.float() for k, v in priors.items()},
+                                                     args.kl_balance, args.free_nats)
                 model_loss = image_loss + reward_loss + cost_loss + args.kl_scale * kl_loss
                 model_opt.zero_grad(set_to_none=True)
                 model_loss.backward()

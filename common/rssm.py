@@ -57,7 +57,7 @@ def gaussian_kl(mean_q: torch.Tensor, std_q: torch.Tensor, mean_p: torch.Tensor,
     return kl.sum(-1)
 
 
-def balanced_kl_loss(post: dict, prior: dict, balance: float = 0.8, free_nats: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_kl_loss(post: dict, prior: dict, balance: float = 0.8, free_nats: float = 1.0):
     """KL balancing (Hafner et al. 2021, DreamerV2): balance * KL(sg(q) || p) + (1 - balance) * KL(q || sg(p)).
 
     Free nats are applied to the batch mean of each term (max(mean KL, free_nats)). Returns (loss, mean KL value).
