@@ -528,7 +528,8 @@ if __name__ == "__main__":
         prev_action = action * keep
         obs = next_obs
 
-        # ---- learn: `train_steps` updates every `train_every` environment steps once warm
+        # ---- learn: `train_steps` updates every `train_every` environment steps once warm; rounds missed while no
+        # episode was stored yet are caught up one per iteration, so the ratio of updates to env steps is kept
         if global_step >= next_train and buffer.episodes:
             next_train += args.train_every
             metrics, round_start = {}, time.time()
