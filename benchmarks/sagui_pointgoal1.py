@@ -91,7 +91,7 @@ if __name__ == "__main__":
     import matplotlib.pyplot as plt
 
     summary = {}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for method, color in (("sagui_cs", "tab:blue"), ("sac_lag", "tab:red")):
         dirs = sorted(Path(p) for p in glob.glob(str(out / "runs" / f"*__{method}__*")) if os.path.isdir(p))
         summary[method] = []
@@ -99,6 +99,7 @@ if __name__ == "__main__":
             label = method if i == 0 else None
             s, c = curves(d, "charts/episodic_cost")
             axes[0].plot(s, c, color=color, alpha=0.7, marker="o", ms=3, label=label)
+            axes[3].plot(s, np.cumsum(c), color=color, alpha=0.7, label=label)
             s, r = curves(d, "charts/episodic_return")
             axes[1].plot(s, r, color=color, alpha=0.7, marker="o", ms=3, label=label)
             s_e, c_e = curves(d, "eval/episodic_cost")
@@ -111,7 +112,8 @@ if __name__ == "__main__":
                                     "final_eval_cost": float(np.mean(c_e[s_e == s_e.max()])) if len(c_e) else None,
                                     "sps_last": float(sps[-1]) if len(sps) else None})
     for ax, title in zip(axes, ("behaviour policy: episodic cost (training)", "behaviour policy: episodic return",
-                                "student alone: eval episodic cost")):
+                                "student alone: eval episodic cost",
+                                "behaviour policy: cumulative training cost")):
         ax.set_title(title)
         ax.set_xlabel("student environment steps")
         ax.legend()
@@ -122,6 +124,11 @@ if __name__ == "__main__":
     fig.tight_layout()
     img = REPO / "docs" / "img" / "sagui_pointgoal1.png"
     fig.savefig(img, dpi=80)
+    guide_dirs = sorted(glob.glob(str(out / "runs" / "*__sagui_cs__1__*" / "guide")))
+    if guide_dirs:
+        _, g_cost = curves(Path(guide_dirs[-1]), "charts/episodic_cost")
+        summary["guide_source_task_last10_mean_cost"] = float(np.mean(g_cost[-10:]))
+        summary["guide_source_task_episodes"] = len(g_cost)
     (out / "runs" / "sagui_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     print("wrote", img)

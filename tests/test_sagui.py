@@ -218,7 +218,7 @@ def test_bad_input_is_refused_clearly(flags, message, tmp_path):
 
 
 def test_smoke_same_seed_reproduces_on_cpu(guide_run, tmp_path):
-    flags = ["--guide-path", str(guide_run / "guide.pt"), *TINY[:-1], "400", "--learning-starts", "200"]
+    flags = ["--guide-path", str(guide_run / "guide.pt"), *TINY[:-1], "250", "--learning-starts", "200"]
     for name in ("a", "b"):
         run_script("sagui.py", "--exp-name", name, *flags, cwd=tmp_path)
     first, second = (read_scalars(d) for d in run_dirs(tmp_path))
