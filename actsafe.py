@@ -185,7 +185,7 @@ class Args:
 
     # run-time
     torch_threads: int = 1
-    """torch CPU threads (1: no oversubscription with the software renderer, much faster here; 0: torch's default)"""
+    """torch CPU threads (1: no contention with the software renderer, much faster on a busy CPU; 0: torch's default)"""
     amp: bool = False
     """bfloat16 autocast for the model and imagination on a GPU (ignored on the CPU)"""
     eval_episodes: int = 1
