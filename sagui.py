@@ -13,15 +13,16 @@ is composed of guide and student: with control-switch, the student acts until th
 and the guide acts from then on; guide actions are corrected by clipped importance weights.
 
 Paper -> code
-- Xi, the abstraction (sec. 4, Assumption 3)         -> `abstraction_index()`: drop `goal_lidar`
+- Xi, the abstraction (Assumption 3)                -> `abstraction_index()`: drop `goal_lidar`
 - eq. 4, auxiliary displacement reward              -> `SourceTask.step()`
-- cost limit d -> per-step discounted target d_bar   -> `per_step_cost_target()`
-- guide: reward-free constrained RL + eq. 4        -> `SACLagrangian.update()` with omega = 0, alpha fixed
-- eq. 5, KL-regularised student objective           -> `kl_regularised_target()` (critic), `SACLagrangian.update()` (actor)
-- omega = beta (sec. 5.1)                            -> `kl_weight()`
-- composite sampling, control-switch / linear-decay  -> `control_switch()`, `linear_decay()`, the student loop
-- importance sampling for guide actions (sec. 5.2)   -> `importance_weight()`
-- Algorithm 1 (guide, then student)                  -> the two loops under `if __name__ == "__main__":`
+- cost limit d -> per-step discounted target d_bar  -> `per_step_cost_target()`
+- guide: reward-free constrained RL + eq. 4         -> `SACLagrangian.update()` with omega = 0, alpha fixed
+- eq. 5, KL-regularised student objective           -> `kl_regularised_target()` (critic),
+                                                       `SACLagrangian.update()` (actor)
+- omega = beta                                      -> `kl_weight()`
+- composite sampling, control-switch / linear-decay -> `control_switch()`, `linear_decay()`, the student loop
+- importance sampling for guide actions             -> `importance_weight()`
+- the algorithm (guide, then student)               -> the two loops under `if __name__ == "__main__":`
 
 Deviations (see docs/sagui.md for the full list and the reasons)
 - Source task: Safety-Gymnasium cannot remove the goal from a Goal task, so the source task is the target task
@@ -32,7 +33,7 @@ Deviations (see docs/sagui.md for the full list and the reasons)
 - The KL term follows the paper by default (omega = beta, log pi_guide of the next action and an extra
   omega-weighted entropy in the soft value, and the KL in the actor loss); `--kl-variant code` gives the
   authors' code: omega = 0.1 beta + 0.01, log pi_guide of the *executed* action added to the reward, no KL in
-  the actor loss, and the proportional "damp" term on beta (`--beta-damp 10`).
+  the actor loss; the code's other choices are separate flags (`--beta-damp 10`, `--is-squared`).
 - Importance weights are computed when the transition is collected (as in the authors' code), with the
   student of that moment, and multiply the critic and actor losses (`--is-squared` squares them in the
   critic loss as the code does).
@@ -301,7 +302,7 @@ def linear_decay(step: int, total_steps: int) -> float:
 
 
 def kl_weight(beta: float, variant: str, fixed: Optional[float] = None) -> float:
-    """omega: the paper sets omega = beta (sec. 5.1); the authors' code uses 0.1 beta + 0.01; or an ablation's constant."""
+    """omega: the paper sets omega = beta; the authors' code uses 0.1 beta + 0.01; an ablation uses a constant."""
     if fixed is not None:
         return fixed
     return beta if variant == "paper" else 0.1 * beta + 0.01
@@ -337,7 +338,8 @@ class SACLagrangian:
         for q, q_t in self.critic_pairs():
             q_t.load_state_dict(q.state_dict())
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
-        self.q_opt = torch.optim.Adam([*self.qr1.parameters(), *self.qr2.parameters(), *self.qc.parameters()], lr=args.lr)
+        critic_params = [*self.qr1.parameters(), *self.qr2.parameters(), *self.qc.parameters()]
+        self.q_opt = torch.optim.Adam(critic_params, lr=args.lr)
         # alpha = softplus(.) and beta = softplus(.), both starting from softplus(0) = log 2 (authors' code)
         self.fixed_alpha = fixed_alpha
         self.soft_alpha = torch.zeros((), device=device, requires_grad=True)
@@ -390,7 +392,8 @@ class SACLagrangian:
         min_q = torch.min(self.qr1(obs, new_act), self.qr2(obs, new_act))
         qc_pi = self.qc(obs, new_act)
         damp = args.beta_damp * (self.d_bar - qc_values.detach()).mean() if args.beta_damp else 0.0
-        if use_kl and variant == "paper":  # eq. 5: (alpha + omega) log pi - omega log pi_guide = alpha log pi + omega KL
+        if use_kl and variant == "paper":
+            # eq. 5: (alpha + omega) log pi - omega log pi_guide = alpha log pi + omega KL(pi || pi_guide) per sample
             logp_g = guide.log_prob(obs[:, xi_index], new_act)
             per_sample = (alpha + omega) * logp - omega * logp_g - min_q + (beta - damp) * qc_pi
         else:
@@ -469,7 +472,8 @@ def check_args(args: Args) -> None:
     if not 0 <= args.guide_batch_fraction < 1:
         raise SystemExit(f"error: --guide-batch-fraction must be in [0, 1), got {args.guide_batch_fraction}")
     if args.is_clip_low > args.is_clip_high:
-        raise SystemExit(f"error: --is-clip-low ({args.is_clip_low}) must not exceed --is-clip-high ({args.is_clip_high})")
+        raise SystemExit(f"error: --is-clip-low ({args.is_clip_low}) must not exceed "
+                         f"--is-clip-high ({args.is_clip_high})")
     if args.fixed_omega is not None and args.fixed_omega < 0:
         raise SystemExit(f"error: --fixed-omega must be >= 0, got {args.fixed_omega}")
     if args.random_steps < 0 or args.learning_starts < 0:
@@ -577,7 +581,9 @@ if __name__ == "__main__":
     two_buffers = sampling == "control-switch"
     capacity = args.buffer_size // 2 if two_buffers else args.buffer_size
     rb = ReplayBuffer(capacity, replay_fields(obs_dim, act_dim), device, seed=args.seed)
-    rb_guide = ReplayBuffer(capacity, replay_fields(obs_dim, act_dim), device, seed=args.seed + 1) if two_buffers else None
+    rb_guide = None
+    if two_buffers:
+        rb_guide = ReplayBuffer(capacity, replay_fields(obs_dim, act_dim), device, seed=args.seed + 1)
     n_guide_batch = int(round(args.guide_batch_fraction * args.batch_size))
     eval_env = make_target_env(args.env_id, args.seed + 10_000)
 
@@ -662,7 +668,8 @@ if __name__ == "__main__":
                 logger.scalar("charts/omega", kl_weight(beta_now, variant, args.fixed_omega), global_step)
                 logger.scalar("charts/guide_acted_fraction", steps_by_guide / max(window_steps, 1), global_step)
                 if sampling == "linear-decay":
-                    logger.scalar("charts/guide_probability", linear_decay(global_step, args.total_timesteps), global_step)
+                    p_guide = linear_decay(global_step, args.total_timesteps)
+                    logger.scalar("charts/guide_probability", p_guide, global_step)
                 if "importance_weight_mean" in losses:
                     logger.scalar("charts/importance_weight_mean", losses["importance_weight_mean"], global_step)
             steps_by_guide, window_steps = 0, 0
@@ -676,8 +683,9 @@ if __name__ == "__main__":
                   f"cost={np.mean([c for _, c in results]):.2f}", flush=True)
 
     if args.save_model:
-        torch.save({"actor": student.actor.state_dict(), "qr1": student.qr1.state_dict(), "qr2": student.qr2.state_dict(),
-                    "qc": student.qc.state_dict(), "args": vars(args)}, os.path.join(logger.run_dir, "student.pt"))
+        torch.save({"actor": student.actor.state_dict(), "qr1": student.qr1.state_dict(),
+                    "qr2": student.qr2.state_dict(), "qc": student.qc.state_dict(), "args": vars(args)},
+                   os.path.join(logger.run_dir, "student.pt"))
     print(f"done in {time.time() - start_time:.0f}s; run directory {logger.run_dir}", flush=True)
     envs.close()
     logger.close()

@@ -81,7 +81,8 @@ if __name__ == "__main__":
             timeout=args.timeout)
         guide = glob.glob(str(out / "runs" / "*__sagui_cs__1__*" / "guide.pt"))[-1]
         for seed in range(2, args.seeds + 1):
-            run(out, "--seed", str(seed), "--exp-name", "sagui_cs", "--guide-path", guide, *common, timeout=args.timeout)
+            run(out, "--seed", str(seed), "--exp-name", "sagui_cs", "--guide-path", guide, *common,
+                timeout=args.timeout)
         for seed in range(1, args.seeds + 1):
             run(out, "--seed", str(seed), "--exp-name", "sac_lag", "--no-use-guide", *common, timeout=args.timeout)
 
