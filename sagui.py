@@ -421,9 +421,10 @@ class SACLagrangian:
             for q, q_t in self.critic_pairs():
                 for p, p_t in zip(q.parameters(), q_t.parameters()):
                     p_t.mul_(1 - args.tau).add_(args.tau * p)
-        check_finite("SAC-Lagrangian losses", qr1_loss, qc_loss, actor_loss)
-        return {"qr_loss": (qr1_loss + qr2_loss).item() / 2, "qc_loss": qc_loss.item(), "actor_loss": actor_loss.item(),
-                "alpha_loss": alpha_loss.item(), "beta_loss": beta_loss.item(), "qc_values": qc_values.mean().item()}
+        # detached tensors: read (and checked for NaNs) once per round, not after every step (no GPU syncs)
+        return {"qr_loss": (qr1_loss + qr2_loss).detach() / 2, "qc_loss": qc_loss.detach(),
+                "actor_loss": actor_loss.detach(), "alpha_loss": alpha_loss.detach(), "beta_loss": beta_loss.detach(),
+                "qc_values": qc_values.mean().detach()}
 
 
 def replay_fields(obs_dim, act_dim):
@@ -556,6 +557,7 @@ if __name__ == "__main__":
             if global_step >= args.learning_starts and global_step % args.update_every == 0:
                 for _ in range(args.update_every):
                     losses = g_agent.update(g_rb.sample(args.batch_size))  # omega = 0: plain SAC-Lagrangian
+                check_finite("guide losses", *losses.values())
             if global_step % args.log_every == 0:
                 for k, v in losses.items():
                     glog.scalar(f"losses/{k}", v, global_step)
@@ -564,6 +566,7 @@ if __name__ == "__main__":
                 glog.console(global_step, f"beta={g_agent.beta:.3f} [guide]")
         genvs.close()
         guide = g_agent.actor
+        del g_rb, g_agent  # free the guide's replay memory before the student's
         torch.save({"actor": guide.state_dict(), "hidden_size": args.hidden_size, "kept_keys": kept_keys,
                     "act_dim": act_dim, "env_id": args.env_id, "args": vars(args)},
                    os.path.join(logger.run_dir, "guide.pt"))
@@ -615,7 +618,8 @@ if __name__ == "__main__":
                 rho_guide = importance_weight(student.actor.log_prob(obs_t, actions), logp_guide,
                                               args.is_clip_low, args.is_clip_high)
                 rho = torch.where(gi, rho_guide, rho)
-        actions_np, rho_np, logp_guide_np = actions.cpu().numpy(), rho.cpu().numpy(), logp_guide.cpu().numpy()
+        packed = torch.cat([actions, rho[:, None], logp_guide[:, None]], 1).cpu().numpy()  # one device->host copy
+        actions_np, rho_np, logp_guide_np = packed[:, :act_dim], packed[:, act_dim], packed[:, act_dim + 1]
         next_obs, rewards, costs, terminations, truncations, infos = envs.step(actions_np)
         logger.log_costs(global_step, costs)  # the behaviour policy's cost (paper Fig. 6)
         for _, ep in finished_episodes(infos):
@@ -655,7 +659,8 @@ if __name__ == "__main__":
                 else:
                     batch = rb_guide.sample(args.batch_size)
                 losses = student.update(batch, omega, guide, xi_index_t, variant)
-            losses["importance_weight_mean"] = batch["rho"].mean().item()
+            check_finite("student losses", *losses.values())
+            losses["importance_weight_mean"] = batch["rho"].mean()
 
         if global_step % args.log_every == 0:
             for k in ("qr_loss", "qc_loss", "actor_loss", "alpha_loss", "beta_loss", "qc_values"):
