@@ -46,6 +46,12 @@ def _render_help() -> str:
 # without it, `import mujoco` would fail even for state-only environments.
 if "MUJOCO_GL" not in os.environ and ctypes.util.find_library("EGL"):
     os.environ["MUJOCO_GL"] = "egl"
+try:  # gymnasium-robotics prints a notice about its Adroit tasks (which we never use) when gymnasium loads it
+    from farama_notifications import notifications
+
+    notifications.pop("gymnasium_robotics", None)
+except ImportError:
+    pass
 try:
     import gymnasium as gym
 except (ImportError, AttributeError, OSError) as e:
