@@ -442,13 +442,17 @@ def real_next_obs(next_obs, truncated, terminated, info):
 
 
 @torch.no_grad()
-def evaluate(actor: Actor, env_fn, episodes: int, seed: int, device) -> list[tuple[float, float]]:
-    """The student alone (no guide) in the target task: a list of (return, cost) per episode."""
+def evaluate(actor: Actor, env_fn, episodes: int, seed: int, device, obs_index=None) -> list[tuple[float, float]]:
+    """One policy alone in the target task: a list of (return, cost) per episode.
+
+    The student sees the whole observation; the guide (`obs_index` = Xi's indices) sees Xi(s).
+    """
     env, results = env_fn(), []
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
         done = False
         while not done:
+            obs = obs if obs_index is None else obs[obs_index]
             action, _ = actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
             obs, _, terminated, truncated, info = env.step(action[0].cpu().numpy())
             done = terminated or truncated
@@ -570,6 +574,13 @@ if __name__ == "__main__":
         torch.save({"actor": guide.state_dict(), "hidden_size": args.hidden_size, "kept_keys": kept_keys,
                     "act_dim": act_dim, "env_id": args.env_id, "args": vars(args)},
                    os.path.join(logger.run_dir, "guide.pt"))
+        # the guide alone in the target task: the safety it brings before the student has learnt anything
+        results = evaluate(guide, make_target_env(args.env_id, args.seed + 10_000), args.eval_episodes,
+                           args.seed + 10_000, device, obs_index=xi_index)
+        for ret, cost in results:
+            glog.log_episode(args.guide_total_timesteps, ret, cost, 0, prefix="eval")
+        print(f"guide alone in the target task: return={np.mean([r for r, _ in results]):.2f} "
+              f"cost={np.mean([c for _, c in results]):.2f}", flush=True)
         glog.close()
         print(f"guide saved to {os.path.join(logger.run_dir, 'guide.pt')}", flush=True)
     if guide is not None:

@@ -7,7 +7,8 @@ What it does, in order, each run with `sagui.py` as a user runs it (small networ
 1. seed 1: the guide phase (--guide-steps) then a SaGui-CS student (--student-steps), saving guide.pt;
 2. seeds 2..N: SaGui-CS students reusing that guide (--guide-path);
 3. seeds 1..N: SAC-Lag from scratch (--no-use-guide) for the same number of student steps;
-then reads the TensorBoard scalars and writes docs/img/sagui_pointgoal1.png and a JSON summary.
+then reads the TensorBoard scalars and writes docs/img/sagui_pointgoal1.png and a JSON summary (with the
+guide alone in the target task, 10 episodes).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/sagui_pointgoal1.py
     python benchmarks/sagui_pointgoal1.py --plot-only --out-dir bench_runs/sagui   # re-plot finished runs
@@ -125,6 +126,24 @@ if __name__ == "__main__":
     fig.tight_layout()
     img = REPO / "docs" / "img" / "sagui_pointgoal1.png"
     fig.savefig(img, dpi=80)
+    guide_files = sorted(glob.glob(str(out / "runs" / "*__sagui_cs__1__*" / "guide.pt")))
+    if guide_files:  # the guide alone in the target task, 10 episodes
+        sys.path.insert(0, str(REPO))
+        import torch
+
+        import sagui
+        from common import make_safety_env
+
+        saved = torch.load(guide_files[-1])
+        env = make_safety_env("SafetyPointGoal1", seed=0)
+        xi, _ = sagui.abstraction_index(env.unwrapped.obs_space_dict)
+        guide = sagui.Actor(len(xi), 2, saved["hidden_size"], env.action_space.low, env.action_space.high)
+        guide.load_state_dict(saved["actor"])
+        torch.manual_seed(0)
+        res = sagui.evaluate(guide, sagui.make_target_env("SafetyPointGoal1", 10_001), 10, 10_001, "cpu", obs_index=xi)
+        summary["guide_alone_in_target_costs"] = [c for _, c in res]
+        summary["guide_alone_in_target_mean_cost"] = float(np.mean([c for _, c in res]))
+        summary["guide_alone_in_target_mean_return"] = float(np.mean([r for r, _ in res]))
     guide_dirs = sorted(glob.glob(str(out / "runs" / "*__sagui_cs__1__*" / "guide")))
     if guide_dirs:
         _, g_cost = curves(Path(guide_dirs[-1]), "charts/episodic_cost")

@@ -172,7 +172,8 @@ def test_smoke_both_phases(guide_run):
                 "charts/alpha", "charts/omega", "charts/guide_acted_fraction", "charts/importance_weight_mean",
                 # the guide phase, in runs/<run>/guide/
                 "guide/charts/episodic_return", "guide/charts/episodic_cost", "guide/charts/cost_rate",
-                "guide/losses/qc_loss", "guide/charts/lagrange_multiplier"]:
+                "guide/losses/qc_loss", "guide/charts/lagrange_multiplier",
+                "guide/eval/episodic_return", "guide/eval/episodic_cost"]:  # the guide alone in the target task
         assert tag in scalars, f"missing {tag}; have {sorted(scalars)}"
     assert [s for s, _ in scalars["eval/episodic_return"]] == [1100]
     assert all(v == pytest.approx(1.0) for _, v in scalars["guide/charts/alpha"])  # the guide's alpha is fixed
