@@ -667,8 +667,11 @@ def load_detector(path: str, device: torch.device) -> tuple[TransformerAutoencod
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
-    env_id, _ = normalize_env_id(args.env_id)
-    source_env_id, _ = normalize_env_id(args.source_env_id or args.env_id)
+    try:
+        env_id, _ = normalize_env_id(args.env_id)
+        source_env_id, _ = normalize_env_id(args.source_env_id or args.env_id)
+    except ValueError as e:
+        raise SystemExit(f"error: --env-id / --source-env-id: {e}") from None
     baseline = args.lagrangian or args.penalty_coef == 0
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     logger = Logger(run_name, args)

@@ -147,6 +147,7 @@ def test_autoencoder_learns_safe_sequences_and_separates_an_anomaly():
     (["--stage", "3"], "needs a trained detector"),
     (["--lagrangian"], "pass --penalty-coef 0"),
     (["--stage", "2", "--source-run", "nowhere"], "holds no source_data.npz"),
+    (["--env-id", "SafetyPointGaol1"], "Closest valid ids: SafetyPointGoal1"),
 ])
 def test_bad_input_is_rejected_clearly(tmp_path, args, message):
     proc = subprocess.run([sys.executable, str(REPO / "anoseqs.py"), *args], cwd=tmp_path, capture_output=True,
