@@ -19,6 +19,7 @@ Paper -> code (the practical, pixel-based ActSafe of the paper's Section 5 and i
 - pessimism: c_t + alpha * u_t                            -> `pessimistic_cost()`
 - the two phases (expansion, then exploitation)           -> `phase` in the training loop
 - lambda-returns (Dreamer, eq. 6 of Hafner et al. 2020)    -> `lambda_returns()`
+- actor objective mean_t gamma^t R_t^lambda (Dreamer)      -> `discounted_mean()` (critic losses weighted alike)
 - budget per discounted step = d / T / (1 - gamma)         -> `safety_budget()`
 - augmented Lagrangian (Nocedal & Wright eq. 17.65)       -> `augmented_lagrangian()`, `update_penalty()`
 - log barrier with LBSGD step size (Usmanova et al.)      -> `log_barrier()`, `lbsgd_step_scale()`
@@ -227,6 +228,13 @@ def lambda_returns(rewards: torch.Tensor, values: torch.Tensor, gamma: float, la
     return torch.stack(returns[::-1])
 
 
+def discounted_mean(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Mean over an imagined trajectory (H, N) with the step t weighted by gamma^t (Dreamer's actor and critic
+    losses; the authors' code weights its objective and critics the same way)."""
+    weights = gamma ** torch.arange(x.shape[0], device=x.device, dtype=x.dtype)
+    return (weights[:, None] * x).mean()  # eq. Dreamer actor objective: mean_t,n gamma^t R_t^lambda
+
+
 def safety_budget(cost_limit: float, episode_length: int, gamma: float) -> float:
     """The per-episode cost budget as a budget on a discounted return of per-step costs."""
     return cost_limit / episode_length / (1 - gamma)  # eq. budget: d / T / (1 - gamma)
@@ -387,8 +395,9 @@ def actor_critic_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args
         cost_values = ac.cost_critic(traj["feats"]).squeeze(-1).float()
         returns = lambda_returns(out["reward"].float(), values, args.gamma, args.lambda_)
         cost_returns = lambda_returns(out["cost"].float(), cost_values, args.gamma, args.lambda_)
-        objective = returns.mean()
-        slack = budget - cost_returns.mean()  # >= 0 when the (pessimistic) imagined cost is within budget
+        objective = discounted_mean(returns, args.gamma)  # later imagined steps weigh less (Dreamer)
+        # eq. constraint: slack = budget - mean_t,n C_t^lambda (>= 0 within budget; unweighted, as the authors do)
+        slack = budget - cost_returns.mean()
         if args.constraint == "lagrangian":
             psi, new_lagrange = augmented_lagrangian(slack, constraint_state["lagrange"], constraint_state["penalty"])
             actor_loss = -objective + psi
@@ -403,9 +412,11 @@ def actor_critic_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args
             actor_loss = -objective
             info = {"constraint_term": torch.zeros(())}
     feats = traj["feats"][:-1].detach()
-    critic_loss = 0.5 * (ac.critic(feats).squeeze(-1).float() - returns.detach()).pow(2).mean()
-    critic_loss = critic_loss + 0.5 * (ac.cost_critic(feats).squeeze(-1).float() - cost_returns.detach()).pow(2).mean()
-    info.update(slack=slack, objective=objective.detach(), cost_return=cost_returns.mean().detach(),
+    critic_loss = discounted_mean(0.5 * (ac.critic(feats).squeeze(-1).float() - returns.detach()).pow(2), args.gamma)
+    critic_loss = critic_loss + discounted_mean(
+        0.5 * (ac.cost_critic(feats).squeeze(-1).float() - cost_returns.detach()).pow(2), args.gamma)
+    info.update(slack=slack, objective=objective.detach(), returns=returns.detach(),
+                cost_return=cost_returns.mean().detach(),
                 uncertainty=out["uncertainty"], imagined_cost=out["model_cost"].mean())
     return actor_loss, critic_loss, info
 

@@ -15,6 +15,7 @@ from actsafe import (
     WorldModel,
     actor_critic_losses,
     augmented_lagrangian,
+    discounted_mean,
     epistemic_uncertainty,
     lambda_returns,
     lbsgd_step_scale,
@@ -97,6 +98,27 @@ def test_lambda_returns_match_a_slow_reference():
     assert mc[0, 0] == pytest.approx(sum(gamma**k * r[k, 0] for k in range(H)) + gamma**H * v[H, 0])
     td = lambda_returns(torch.tensor(r), torch.tensor(v), gamma, 0.0).numpy()
     np.testing.assert_allclose(td, r + gamma * v[1:])
+
+
+def test_discounted_mean_by_hand():
+    x = torch.tensor([[1.0, 3.0], [2.0, 4.0], [5.0, 6.0]])  # (H=3, N=2)
+    # weights 1, 0.5, 0.25 per step: (1 + 3 + 0.5 * (2 + 4) + 0.25 * (5 + 6)) / 6
+    assert discounted_mean(x, 0.5).item() == pytest.approx((4 + 3 + 2.75) / 6)
+    assert discounted_mean(x, 1.0).item() == pytest.approx(x.mean().item())
+
+
+def test_actor_objective_weights_imagined_steps_by_the_discount():
+    # Dreamer (and the authors' code): the actor maximises mean_t gamma^t R_t^lambda, not the plain mean
+    torch.manual_seed(0)
+    args = Args(**TINY, constraint="none", gamma=0.5)
+    wm, ac = WorldModel(2, args), ActorCritic(20, 2, args)
+    start = {"deter": torch.randn(8, 16), "stoch": torch.randn(8, 4)}
+    state = {"lagrange": torch.tensor(1e-4), "penalty": torch.tensor(5e-8), "eta": torch.tensor(0.1)}
+    actor_loss, _, info = actor_critic_losses(wm, ac, start, args, False, state, budget=2.5)
+    returns = info["returns"]
+    weights = torch.tensor([0.5**t for t in range(args.imag_horizon)])[:, None]
+    torch.testing.assert_close(actor_loss.detach(), -(weights * returns).mean())
+    assert abs(actor_loss.item() + returns.mean().item()) > 1e-4  # differs from the unweighted mean
 
 
 # ---- the constraint handlers --------------------------------------------------------------------------------------
