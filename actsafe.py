@@ -255,7 +255,7 @@ def augmented_lagrangian(slack: torch.Tensor, lagrange: torch.Tensor, penalty: t
 
 def update_penalty(penalty: torch.Tensor, power_factor: float) -> torch.Tensor:
     """c <- min(c (1 + factor), 1)."""
-    return torch.clamp(penalty * (1 + power_factor), max=1.0)
+    return torch.clamp(penalty * (1 + power_factor), max=1.0)  # eq. penalty schedule: c <- min(c (1 + f), 1)
 
 
 def log_barrier(slack: torch.Tensor, eta: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,6 +266,7 @@ def log_barrier(slack: torch.Tensor, eta: float | torch.Tensor) -> tuple[torch.T
     """
     feasible = slack > 0
     safe_slack = torch.where(feasible, slack, torch.ones_like(slack))  # never take the log of slack <= 0
+    # eq. log barrier: B(slack) = -eta log(slack), defined for slack > 0 only
     return torch.where(feasible, -eta * torch.log(safe_slack), torch.zeros_like(slack)), feasible
 
 
@@ -277,6 +278,7 @@ def lbsgd_step_scale(slack, loss_grad, constraint_grad, eta, m0, m1, base_lr, ep
     m2 = m0 + 10 eta m1 / alpha + 8 eta (theta / alpha)^2, with alpha the slack.
     """
     theta = constraint_grad.dot(loss_grad / (loss_grad.norm() + eps))
+    # eq. LBSGD step: min(alpha / (2 |theta| + sqrt(alpha m1)), 1 / m2)
     lhs = slack / (2 * theta.abs() + torch.sqrt(slack * m1 + eps))
     m2 = m0 + 10 * eta * m1 / (slack + eps) + 8 * eta * (theta / (slack + eps)) ** 2
     return torch.minimum(lhs, 1 / m2) / base_lr
@@ -374,7 +376,8 @@ def imagined_rewards_and_costs(wm: WorldModel, traj: dict, args: Args, intrinsic
     ens_costs = wm.heads(torch.cat([traj["ens_mean"], deter], -1))[..., 1]  # (H, E, N)
     cost = pessimistic_cost(ens_costs.transpose(0, 1), u, args.pessimism)
     if intrinsic:
-        reward = args.exploration_reward_scale * u.detach()  # optimism: r_explore = scale * u_t
+        # eq. optimism: r_explore = scale * u_t (gradient stopped, as in the authors' code)
+        reward = args.exploration_reward_scale * u.detach()
     else:
         reward = heads[..., 0]
     return {"reward": reward, "cost": cost, "uncertainty": u.detach(), "model_cost": ens_costs.mean(1).detach()}
@@ -419,6 +422,16 @@ def actor_critic_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args
                 cost_return=cost_returns.mean().detach(),
                 uncertainty=out["uncertainty"], imagined_cost=out["model_cost"].mean())
     return actor_loss, critic_loss, info
+
+
+def require_sequences(buffer: EpisodeBuffer, length: int) -> None:
+    """Stop with a message (not a traceback from `EpisodeBuffer.sample`) when episodes are stored but none holds
+    `length` rows, i.e. --sequence-length is longer than the task's episodes (Safety-Gymnasium's do not end early,
+    so the first stored episode already has the full length)."""
+    lengths = [len(ep["reward"]) for ep in buffer.episodes]
+    if lengths and max(lengths) < length:
+        raise SystemExit(f"error: --sequence-length {length} is longer than every stored episode ({max(lengths)} rows "
+                         f"= agent steps + 1, action repeat included); use --sequence-length <= {max(lengths)}")
 
 
 def validate(args: Args) -> None:
@@ -542,6 +555,7 @@ if __name__ == "__main__":
         # ---- learn: `train_steps` updates every `train_every` environment steps once warm; rounds missed while no
         # episode was stored yet are caught up one per iteration, so the ratio of updates to env steps is kept
         if global_step >= next_train and buffer.episodes:
+            require_sequences(buffer, args.sequence_length)
             next_train += args.train_every
             metrics, round_start = {}, time.time()
             for _ in range(args.train_steps):
@@ -559,6 +573,7 @@ if __name__ == "__main__":
                 kl_loss, kl_value = balanced_kl_loss({k: v.float() for k, v in posts.items()},
                                                      {k: v.float() for k, v in priors.items()},
                                                      args.kl_balance, args.free_nats)
+                # eq. world-model loss: -ln p(o|s) - ln p(r|s) - ln p(c|s) + beta KL_balanced(q || p_e), unit variances
                 model_loss = image_loss + reward_loss + cost_loss + args.kl_scale * kl_loss
                 model_opt.zero_grad(set_to_none=True)
                 model_loss.backward()

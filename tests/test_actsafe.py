@@ -21,6 +21,7 @@ from actsafe import (
     lbsgd_step_scale,
     log_barrier,
     pessimistic_cost,
+    require_sequences,
     safety_budget,
     update_penalty,
     validate,
@@ -220,6 +221,19 @@ def test_intrinsic_reward_is_the_scaled_uncertainty():
 def test_bad_input_is_rejected_with_a_message(change, message):
     with pytest.raises(SystemExit, match=message):
         validate(dataclasses.replace(Args(), **change))
+
+
+def test_sequence_longer_than_the_episodes_is_a_message_not_a_traceback():
+    from common import EpisodeBuffer
+
+    buffer = EpisodeBuffer(1000)
+    require_sequences(buffer, 600)  # nothing stored yet: nothing to say
+    buffer.add_episode({"reward": np.zeros(501, np.float32), "cost": np.zeros(501, np.float32)})
+    require_sequences(buffer, 501)  # exactly one window: fine
+    with pytest.raises(SystemExit, match=r"--sequence-length 600 is longer than every stored episode \(501 rows"):
+        require_sequences(buffer, 600)
+    with pytest.raises(RuntimeError):  # what the loop would otherwise have ended with
+        buffer.sample(2, 600)
 
 
 # ---- smoke tests: the real script, as a user runs it ----------------------------------------------------------------
