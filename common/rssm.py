@@ -64,6 +64,7 @@ def balanced_kl_loss(post: dict, prior: dict, balance: float = 0.8, free_nats: f
     """
     kl_prior = gaussian_kl(post["mean"].detach(), post["std"].detach(), prior["mean"], prior["std"]).mean()
     kl_post = gaussian_kl(post["mean"], post["std"], prior["mean"].detach(), prior["std"].detach()).mean()
+    # eq. KL balancing: a max(KL(sg(q) || p), free) + (1 - a) max(KL(q || sg(p)), free)
     loss = balance * kl_prior.clamp(min=free_nats) + (1 - balance) * kl_post.clamp(min=free_nats)
     return loss, kl_prior.detach()
 
@@ -127,16 +128,17 @@ class RSSM(nn.Module):
     def img_step(self, state: dict, action: torch.Tensor, member: int | None = None) -> dict:
         """One step of the prior: h_t from (h_{t-1}, z_{t-1}, a_{t-1}); z_t sampled from member `member`."""
         x = self.img_in(torch.cat([state["stoch"], action], -1))
-        deter = self.gru(x, state["deter"])
+        deter = self.gru(x, state["deter"])  # eq. RSSM: h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}])
         ens_mean, ens_std = self.ensemble_prior(deter)
         member = self.sample_member() if member is None else member
         mean, std = ens_mean[member], ens_std[member]
-        stoch = mean + std * torch.randn_like(std)
+        stoch = mean + std * torch.randn_like(std)  # eq. RSSM prior: z_t ~ p_e(z_t | h_t), member e
         return {"deter": deter, "stoch": stoch, "mean": mean, "std": std, "ens_mean": ens_mean, "ens_std": ens_std}
 
     def obs_step(self, state: dict, action: torch.Tensor, embed: torch.Tensor, member: int | None = None):
         """One filtering step: the prior as in `img_step`, then the posterior given the observation's embedding."""
         prior = self.img_step(state, action, member)
+        # eq. RSSM posterior: z_t ~ q(z_t | h_t, embed(o_t))
         mean, std = self._stats(self.post_net(torch.cat([prior["deter"], embed], -1)))
         post = {"deter": prior["deter"], "stoch": mean + std * torch.randn_like(std), "mean": mean, "std": std}
         return post, prior
