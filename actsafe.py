@@ -22,7 +22,7 @@ Paper -> code (the practical, pixel-based ActSafe of the paper's Section 5 and i
 - actor objective mean_t gamma^t R_t^lambda (Dreamer)      -> `discounted_mean()` (critic losses weighted alike)
 - budget per discounted step = d / T / (1 - gamma)         -> `safety_budget()`
 - augmented Lagrangian (Nocedal & Wright eq. 17.65)       -> `augmented_lagrangian()`, `update_penalty()`
-- log barrier with LBSGD step size (Usmanova et al.)      -> `log_barrier()`, `lbsgd_step_scale()`
+- log barrier with LBSGD step size (Usmanova et al.)      -> `log_barrier()`, `lbsgd_step_scale()`, `lbsgd_gradients()`
 - Algorithm 1 (collect, fit model, plan in the model)     -> the main loop under `if __name__ == "__main__":`
 
 Deviations (reasons in docs/actsafe.md):
@@ -282,6 +282,21 @@ def lbsgd_step_scale(slack, loss_grad, constraint_grad, eta, m0, m1, base_lr, ep
     lhs = slack / (2 * theta.abs() + torch.sqrt(slack * m1 + eps))
     m2 = m0 + 10 * eta * m1 / (slack + eps) + 8 * eta * (theta / (slack + eps)) ** 2
     return torch.minimum(lhs, 1 / m2) / base_lr
+
+
+def lbsgd_gradients(barrier_objective, slack, feasible, params, eta, m0, m1, base_lr):
+    """The actor's LBSGD gradients without a device->host sync: both branches are computed and `torch.where` picks.
+
+    Feasible (slack > 0): the barrier objective's gradient times the LBSGD step scale (Adam then applies it).
+    Infeasible: the backup step, the gradient of f_1 = -slack (descend the cost return alone). Returns (grads, scale)
+    with scale 0 in the infeasible case.
+    """
+    g = torch.autograd.grad(barrier_objective, params, retain_graph=True)
+    f1 = torch.autograd.grad(-slack, params, retain_graph=True)
+    flat_g, flat_f1 = torch.cat([x.flatten() for x in g]), torch.cat([x.flatten() for x in f1])
+    scale = lbsgd_step_scale(slack.detach(), flat_g, flat_f1, eta, m0, m1, base_lr)
+    scale = torch.where(feasible, scale, torch.zeros_like(scale))  # the formula is NaN for slack <= 0: not used then
+    return [torch.where(feasible, gp * scale, fp) for gp, fp in zip(g, f1)], scale
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -591,17 +606,16 @@ if __name__ == "__main__":
                         actor_loss, critic_loss, ac_info = actor_critic_losses(
                             wm, ac, start, args, intrinsic=(name == "explore"), constraint_state=cs, budget=budget)
                     actor_opts[name].zero_grad(set_to_none=True)
-                    if args.constraint == "lbsgd" and bool(ac_info["feasible"]):
-                        # LBSGD: the barrier gradient, scaled by the adaptive step size relative to the base lr
+                    if args.constraint == "lbsgd":
+                        # LBSGD: the barrier gradient scaled by the adaptive step size relative to the base lr, or
+                        # the backup step when infeasible; chosen on the device (no host sync per update)
                         params = list(ac.actor.parameters())
-                        g = torch.autograd.grad(ac_info["barrier_objective"], params, retain_graph=True)
-                        f1 = torch.autograd.grad(-ac_info["slack"], params, retain_graph=True)
-                        flat_g, flat_f1 = torch.cat([x.flatten() for x in g]), torch.cat([x.flatten() for x in f1])
-                        scale = lbsgd_step_scale(ac_info["slack"].detach(), flat_g, flat_f1, cs["eta"],
-                                                 args.lbsgd_m0, args.lbsgd_m1, args.actor_lr)
-                        for p, gp in zip(params, g):
-                            p.grad = gp * scale
-                        cs["eta"] = cs["eta"] / (1 + args.lbsgd_eta_rate)
+                        grads, scale = lbsgd_gradients(ac_info["barrier_objective"], ac_info["slack"],
+                                                       ac_info["feasible"], params, cs["eta"], args.lbsgd_m0,
+                                                       args.lbsgd_m1, args.actor_lr)
+                        for p, gp in zip(params, grads):
+                            p.grad = gp
+                        cs["eta"] = torch.where(ac_info["feasible"], cs["eta"] / (1 + args.lbsgd_eta_rate), cs["eta"])
                         metrics[f"charts/{prefix}lbsgd_step_scale"] = scale.detach()
                     else:
                         actor_loss.backward()

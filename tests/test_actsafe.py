@@ -18,6 +18,7 @@ from actsafe import (
     discounted_mean,
     epistemic_uncertainty,
     lambda_returns,
+    lbsgd_gradients,
     lbsgd_step_scale,
     log_barrier,
     pessimistic_cost,
@@ -161,6 +162,29 @@ def test_lbsgd_step_scale_by_hand():
     scale = lbsgd_step_scale(torch.tensor(1.0), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]),
                              eta=0.1, m0=1.0, m1=4.0, base_lr=0.1)
     assert scale.item() == pytest.approx(2.0, rel=1e-5)
+
+
+def test_lbsgd_gradients_choose_the_branch_on_the_device():
+    eta, m0, m1, lr = 0.1, 1.0, 4.0, 0.1
+
+    def pieces(w0):
+        w = torch.tensor(w0, requires_grad=True)
+        slack = 3.0 - w.sum()
+        barrier, feasible = log_barrier(slack, eta)
+        return w, slack, feasible, (w**2).sum() + barrier
+
+    # feasible (slack 2): the barrier objective's gradient times the LBSGD scale
+    w, slack, feasible, objective = pieces([0.5, 0.5])
+    grads, scale = lbsgd_gradients(objective, slack, feasible, [w], eta, m0, m1, lr)
+    g = 2 * w.detach() + eta / 2.0  # d/dw [w^2 - eta log(3 - sum w)]
+    expected_scale = lbsgd_step_scale(torch.tensor(2.0), g, torch.ones(2), eta, m0, m1, lr)
+    assert scale.item() == pytest.approx(expected_scale.item(), rel=1e-5) and scale.item() > 0
+    torch.testing.assert_close(grads[0], g * expected_scale)
+    # infeasible (slack -1): the backup step, the gradient of -slack, and no NaN from the step-size formula
+    w, slack, feasible, objective = pieces([2.0, 2.0])
+    grads, scale = lbsgd_gradients(objective, slack, feasible, [w], eta, m0, m1, lr)
+    torch.testing.assert_close(grads[0], torch.ones(2))
+    assert scale.item() == 0.0
 
 
 # ---- gradient routing ---------------------------------------------------------------------------------------------
