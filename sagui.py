@@ -461,6 +461,33 @@ def evaluate(actor: Actor, env_fn, episodes: int, seed: int, device, obs_index=N
     return results
 
 
+GUIDE_FILE_KEYS = ("actor", "hidden_size", "kept_keys", "act_dim", "env_id")
+
+
+def load_guide(path: str, env_id: str, kept_keys: list[str], xi_dim: int, act_dim: int, action_space, device) -> Actor:
+    """The guide saved by a guide phase (runs/<run>/guide.pt); any other file or another task ends in a clear error."""
+    what = f"error: --guide-path {path!r}"
+    try:
+        saved = torch.load(path, map_location=device)
+    except Exception as e:  # not a torch file, or one that holds more than tensors and plain values
+        raise SystemExit(f"{what} is not a guide saved by sagui.py (runs/<run>/guide.pt): cannot read it "
+                         f"({e})") from None
+    if not isinstance(saved, dict) or any(k not in saved for k in GUIDE_FILE_KEYS):
+        have = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise SystemExit(f"{what} is not a guide saved by sagui.py (runs/<run>/guide.pt): it holds {have}, a guide "
+                         f"holds {list(GUIDE_FILE_KEYS)}") from None
+    if saved["kept_keys"] != kept_keys or saved["act_dim"] != act_dim:
+        raise SystemExit(f"{what} was trained on {saved['env_id']!r} with observation keys {saved['kept_keys']} and "
+                         f"{saved['act_dim']} actions; {env_id!r} gives {kept_keys} and {act_dim}.")
+    guide = Actor(xi_dim, act_dim, saved["hidden_size"], action_space.low, action_space.high).to(device)
+    try:
+        guide.load_state_dict(saved["actor"])
+    except RuntimeError as e:  # same keys, other sizes (e.g. a lidar with another number of bins)
+        raise SystemExit(f"{what}: its network does not fit {env_id!r}'s observation ({xi_dim} values after Xi): "
+                         f"{str(e).splitlines()[0]}") from None
+    return guide
+
+
 def check_args(args: Args) -> None:
     if args.capture_video:
         raise SystemExit("error: --capture-video is not supported by sagui.py (state observations only)")
@@ -521,14 +548,7 @@ if __name__ == "__main__":
     # ============================================================================================
     guide = None
     if args.use_guide and args.guide_path is not None:
-        saved = torch.load(args.guide_path, map_location=device)
-        if saved["kept_keys"] != kept_keys or saved["act_dim"] != act_dim:
-            raise SystemExit(
-                f"error: --guide-path {args.guide_path!r} was trained on {saved['env_id']!r} with observation keys "
-                f"{saved['kept_keys']} and {saved['act_dim']} actions; {args.env_id!r} gives {kept_keys} and {act_dim}."
-            )
-        guide = Actor(len(xi_index), act_dim, saved["hidden_size"], action_space.low, action_space.high).to(device)
-        guide.load_state_dict(saved["actor"])
+        guide = load_guide(args.guide_path, args.env_id, kept_keys, len(xi_index), act_dim, action_space, device)
         print(f"loaded the guide from {args.guide_path}", flush=True)
     elif args.use_guide:
         glog = Logger(f"{run_name}/guide", args)  # runs/<run>/guide/: the same tags, a second curve in TensorBoard

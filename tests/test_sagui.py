@@ -225,3 +225,34 @@ def test_smoke_same_seed_reproduces_on_cpu(guide_run, tmp_path):
     first, second = (read_scalars(d) for d in run_dirs(tmp_path))
     for tag in ("losses/qr_loss", "losses/actor_loss", "charts/lagrange_multiplier", "eval/episodic_return"):
         assert first[tag] == second[tag], tag
+
+
+def test_guide_path_to_a_file_that_is_no_guide_is_refused_clearly(tmp_path):
+    """A student.pt, a text file or a guide of another size must end in a message, not a KeyError traceback."""
+    target = make_safety_env("SafetyPointGoal1", seed=0)
+    _, kept = sagui.abstraction_index(target.unwrapped.obs_space_dict)
+    space = target.action_space
+    student_file, text_file, guide_file = tmp_path / "student.pt", tmp_path / "notes.txt", tmp_path / "guide.pt"
+    torch.save({"actor": {}, "qr1": {}, "args": {}}, student_file)
+    text_file.write_text("not a checkpoint")
+    actor = sagui.Actor(40, 2, 8, space.low, space.high)  # 40 inputs, not the 44 of Xi(SafetyPointGoal1)
+    torch.save({"actor": actor.state_dict(), "hidden_size": 8, "kept_keys": kept, "act_dim": 2,
+                "env_id": "SafetyPointGoal1"}, guide_file)
+    for path, message in ((student_file, "holds ['actor', 'args', 'qr1']"), (text_file, "cannot read it"),
+                          (guide_file, "does not fit")):
+        with pytest.raises(SystemExit, match="is not a guide|does not fit") as info:
+            sagui.load_guide(str(path), "SafetyPointGoal1", kept, 44, 2, space, "cpu")
+        assert message in str(info.value)
+    # a matching guide loads, with its own hidden size
+    good = sagui.Actor(44, 2, 8, space.low, space.high)
+    torch.save({"actor": good.state_dict(), "hidden_size": 8, "kept_keys": kept, "act_dim": 2,
+                "env_id": "SafetyPointGoal1"}, guide_file)
+    loaded = sagui.load_guide(str(guide_file), "SafetyPointGoal1", kept, 44, 2, space, "cpu")
+    obs = torch.randn(3, 44)
+    torch.testing.assert_close(loaded.dist(obs)[0], good.dist(obs)[0])
+    # and as a user runs it
+    proc = subprocess.run([sys.executable, str(REPO / "sagui.py"), "--guide-path", str(student_file)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "is not a guide saved by sagui.py" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
