@@ -366,7 +366,9 @@ class SACLagrangian:
         args = self.args
         obs, act, next_obs = batch["obs"], batch["action"], batch["next_obs"]
         rew, cost, done, rho = batch["reward"], batch["cost"], batch["done"], batch["rho"]
-        alpha, beta = self.alpha, self.beta
+        # detached tensors, not floats: reading them with .item() would wait for the device at every gradient step
+        alpha = self.fixed_alpha if self.fixed_alpha is not None else F.softplus(self.soft_alpha).detach()
+        beta = F.softplus(self.soft_beta).detach()
         use_kl = guide is not None and omega != 0.0
 
         with torch.no_grad():

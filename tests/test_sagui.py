@@ -256,3 +256,30 @@ def test_guide_path_to_a_file_that_is_no_guide_is_refused_clearly(tmp_path):
     assert proc.returncode != 0 and "is not a guide saved by sagui.py" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
 
+
+def test_update_reads_nothing_back_from_the_device(monkeypatch):
+    """The gradient step must not call .item() (a host/device sync per step on a GPU); losses stay tensors."""
+    torch.manual_seed(0)
+    args = sagui.Args(hidden_size=8, batch_size=4)
+    space = make_safety_env("SafetyPointGoal1", seed=0).action_space
+    student = sagui.SACLagrangian(6, 2, args, space, 25.0, "cpu")
+    guide = sagui.Actor(4, 2, 8, space.low, space.high).requires_grad_(False)
+    batch = {"obs": torch.randn(4, 6), "action": torch.rand(4, 2) * 1.8 - 0.9, "next_obs": torch.randn(4, 6),
+             "reward": torch.randn(4), "cost": torch.tensor([0.0, 1.0, 0.0, 0.0]), "done": torch.zeros(4),
+             "rho": torch.ones(4), "logp_guide": torch.zeros(4)}
+    xi = torch.tensor([0, 1, 2, 3])
+    beta_before = student.beta
+
+    real_item = torch.Tensor.item
+
+    def no_item(self):  # torch's CPU Adam reads its step counter with .item(); only sagui.py's own calls count
+        if sys._getframe(1).f_code.co_filename == sagui.__file__:
+            raise AssertionError("Tensor.item() called inside SACLagrangian.update")
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    for variant in ("paper", "code"):
+        losses = student.update(batch, 0.5, guide, xi, variant)
+        assert all(isinstance(v, torch.Tensor) for v in losses.values())
+    monkeypatch.undo()
+    assert student.beta != beta_before  # the multiplier was still updated
