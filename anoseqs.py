@@ -184,6 +184,10 @@ def check_args(args: Args) -> None:
                    "detector_steps", "detector_batch_size", "detector_lr", "log_every", "cost_limit", "lagrange_lr")
     if args.learning_starts < 0 or args.eval_episodes < 0 or args.torch_threads < 0 or args.lagrange_init < 0:
         raise SystemExit("error: --learning-starts, --eval-episodes, --torch-threads and --lagrange-init must be >= 0")
+    for name in ("exploration_noise", "policy_noise", "noise_clip"):
+        if getattr(args, name) < 0:  # a negative clip makes clamp(-c, c) return the constant -c: a silent wrong run
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0 (0 = no noise), "
+                             f"got {getattr(args, name)}")
     if not 0.0 < args.holdout_fraction < 1.0:
         raise SystemExit(f"error: --holdout-fraction must be in (0, 1), got {args.holdout_fraction}")
     if not 0.0 < args.threshold_percentile <= 100.0:

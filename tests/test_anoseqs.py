@@ -148,6 +148,9 @@ def test_autoencoder_learns_safe_sequences_and_separates_an_anomaly():
     (["--lagrangian"], "pass --penalty-coef 0"),
     (["--stage", "2", "--source-run", "nowhere"], "holds no source_data.npz"),
     (["--env-id", "SafetyPointGaol1"], "Closest valid ids: SafetyPointGoal1"),
+    (["--noise-clip", "-0.5"], "--noise-clip must be >= 0"),
+    (["--policy-noise", "-0.2"], "--policy-noise must be >= 0"),
+    (["--exploration-noise", "-0.1"], "--exploration-noise must be >= 0"),
 ])
 def test_bad_input_is_rejected_clearly(tmp_path, args, message):
     proc = subprocess.run([sys.executable, str(REPO / "anoseqs.py"), *args], cwd=tmp_path, capture_output=True,
