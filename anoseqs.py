@@ -658,12 +658,26 @@ def evaluate(actor: Actor, env_id: str, episodes: int, seed: int, device: torch.
           f"cost {np.mean(costs):.2f} +- {np.std(costs):.2f}", flush=True)
 
 
+DETECTOR_CONFIG_KEYS = ("obs_dim", "window_length", "d_model", "heads", "layers", "latent_dim", "source_env_id")
+
+
 def load_detector(path: str, device: torch.device) -> tuple[TransformerAutoencoder, float, dict]:
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    """The detector saved by stage 2; a file that is not one ends in a clear error, not a KeyError traceback."""
+    what = f"error: --source-run: {path!r} is not a detector saved by stage 2 of anoseqs.py"
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"{what}: cannot read it ({e})") from None
+    if (not isinstance(ckpt, dict) or any(k not in ckpt for k in ("model", "tau", "config"))
+            or not isinstance(ckpt["config"], dict) or any(k not in ckpt["config"] for k in DETECTOR_CONFIG_KEYS)):
+        raise SystemExit(f"{what}: it lacks the model, tau or config {list(DETECTOR_CONFIG_KEYS)}; rerun --stage 2")
     c = ckpt["config"]
     model = TransformerAutoencoder(c["obs_dim"], c["window_length"], c["d_model"], c["heads"], c["layers"],
                                    c["latent_dim"]).to(device)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise SystemExit(f"{what}: its weights do not match its config ({str(e).splitlines()[0]})") from None
     model.eval()
     return model, float(ckpt["tau"]), c
 

@@ -235,3 +235,34 @@ def test_smoke_baselines_td3_and_td3_lag(tmp_path):
     assert (TD3_TAGS | {"charts/lagrange_multiplier", "losses/qc_loss"}) <= set(scalars)
     assert not (run / "detector.pt").exists() and "charts/penalised_fraction" not in scalars
     assert all(v >= 0 for _, v in scalars["charts/lagrange_multiplier"])
+
+
+def test_a_detector_file_that_is_no_detector_is_refused_clearly(tmp_path):
+    """--stage 3 --source-run <dir> whose detector.pt is truncated, foreign or incomplete: a message, no traceback."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "detector.pt").write_bytes(b"truncated")
+    with pytest.raises(SystemExit, match="is not a detector saved by stage 2.*cannot read it"):
+        anoseqs.load_detector(str(bad / "detector.pt"), torch.device("cpu"))
+    torch.save({"model": {}, "tau": 0.1}, bad / "detector.pt")  # no config
+    with pytest.raises(SystemExit, match="lacks the model, tau or config"):
+        anoseqs.load_detector(str(bad / "detector.pt"), torch.device("cpu"))
+    # a complete, matching file loads and scores like the saved model
+    model = anoseqs.TransformerAutoencoder(3, 4, 8, 2, 1, 4)
+    config = {"obs_dim": 3, "window_length": 4, "d_model": 8, "heads": 2, "layers": 1, "latent_dim": 4,
+              "source_env_id": "SafetyPointCircle1-v0"}
+    torch.save({"model": model.state_dict(), "tau": 0.25, "config": config}, tmp_path / "detector.pt")
+    loaded, tau, _ = anoseqs.load_detector(str(tmp_path / "detector.pt"), torch.device("cpu"))
+    x = torch.rand(5, 4, 3)
+    model.eval()
+    assert tau == 0.25 and torch.allclose(anoseqs.anomaly_score(loaded, x), anoseqs.anomaly_score(model, x))
+    # weights that do not fit the config
+    torch.save({"model": model.state_dict(), "tau": 0.25, "config": {**config, "d_model": 16}}, bad / "detector.pt")
+    with pytest.raises(SystemExit, match="do not match its config"):
+        anoseqs.load_detector(str(bad / "detector.pt"), torch.device("cpu"))
+    # as a user runs it
+    (bad / "detector.pt").write_bytes(b"truncated")
+    proc = subprocess.run([sys.executable, str(REPO / "anoseqs.py"), "--stage", "3", "--source-run", str(bad)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "is not a detector saved by stage 2" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
