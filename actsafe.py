@@ -467,7 +467,7 @@ def validate(args: Args) -> None:
         raise SystemExit(f"error: --gamma must be in (0, 1) (the budget divides by 1 - gamma), got {args.gamma!r}")
     for name in ("lambda_", "kl_balance"):
         if not 0 <= getattr(args, name) <= 1:
-            flag = "--" + name.replace("_", "-").rstrip("-")
+            flag = "--lambda_" if name == "lambda_" else "--" + name.replace("_", "-")  # tyro keeps lambda_'s "_"
             raise SystemExit(f"error: {flag} must be in [0, 1], got {getattr(args, name)!r}")
     if args.ensemble_size < 2:
         raise SystemExit(f"error: --ensemble-size must be >= 2 (the uncertainty is a disagreement), "

@@ -237,6 +237,8 @@ def test_intrinsic_reward_is_the_scaled_uncertainty():
     (dict(pessimism=-1.0), "--pessimism must be >= 0"),
     (dict(ensemble_size=1), "--ensemble-size must be >= 2"),
     (dict(gamma=1.0), "--gamma must be in"),
+    (dict(lambda_=2.0), "--lambda_ must be in"),  # the flag as tyro spells it (there is no --lambda)
+    (dict(kl_balance=-0.1), "--kl-balance must be in"),
     (dict(store_chunk=10, sequence_length=50), "--store-chunk"),
     (dict(store_chunk=-1), "--store-chunk"),
     (dict(capture_video=True), "--capture-video is not supported"),
