@@ -682,6 +682,20 @@ def load_detector(path: str, device: torch.device) -> tuple[TransformerAutoencod
     return model, float(ckpt["tau"]), c
 
 
+def check_same_observation(source_env_id: str, env_id: str) -> None:
+    """The detector trained on the source scores target windows: both tasks must give observations of one size."""
+    sizes = []
+    for name in (source_env_id, env_id):
+        env = make_safety_env(name, seed=0)
+        sizes.append(env.observation_space.shape[0])
+        env.close()
+    if sizes[0] != sizes[1]:
+        raise SystemExit(f"error: --source-env-id {source_env_id} gives observations of size {sizes[0]} but --env-id "
+                         f"{env_id} gives {sizes[1]}; the detector needs one size (e.g. SafetyPointCircle0 -> "
+                         "SafetyPointCircle1, SafetyPointGoal2 -> SafetyPointGoal1; a level-0 Goal task has no hazard "
+                         "or vase lidar)")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
@@ -691,6 +705,8 @@ if __name__ == "__main__":
     except ValueError as e:
         raise SystemExit(f"error: --env-id / --source-env-id: {e}") from None
     baseline = args.lagrangian or args.penalty_coef == 0
+    if not baseline and args.stage == "all" and source_env_id != env_id:
+        check_same_observation(source_env_id, env_id)  # before hours of stages 1 and 2, not after them
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     logger = Logger(run_name, args)
     seed_everything(args.seed, args.torch_deterministic)
