@@ -501,6 +501,10 @@ def check_args(args: Args) -> None:
     check_choice(args, "sampling", ["control-switch", "linear-decay", "student"])
     check_choice(args, "ld_mode", ["step", "trajectory"])
     check_choice(args, "kl_variant", ["paper", "code"])
+    if args.use_guide and args.sampling == "control-switch" and args.buffer_size < 2:
+        # split in half between the student and guide buffers: 1 would leave them empty, after the guide phase
+        raise SystemExit(f"error: --buffer-size must be at least 2 with --sampling control-switch (two buffers of "
+                         f"half the size), got {args.buffer_size}")
     if not 0 < args.gamma < 1:
         raise SystemExit(f"error: --gamma must be in (0, 1), got {args.gamma}")
     if not 0 <= args.guide_batch_fraction < 1:

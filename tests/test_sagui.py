@@ -209,6 +209,8 @@ def test_smoke_sac_lag_baseline(tmp_path):
     (["--cost-limit", "0"], "--cost-limit must be positive"),
     (["--sampling", "greedy"], "control-switch, linear-decay, student"),
     (["--env-id", "SafetyPointCircle1"], "goal_lidar"),
+    # control-switch halves the buffer: 1 gave two empty buffers and a ValueError traceback after the guide phase
+    (["--buffer-size", "1"], "--buffer-size must be at least 2 with --sampling control-switch"),
 ])
 def test_bad_input_is_refused_clearly(flags, message, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "sagui.py"), *flags], cwd=tmp_path, capture_output=True,
