@@ -268,3 +268,19 @@ def test_a_detector_file_that_is_no_detector_is_refused_clearly(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "is not a detector saved by stage 2" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_sps_counts_only_the_stage_being_run(tmp_path, monkeypatch):
+    """With --stage all the stage-3 logger exists while stages 1 and 2 run; its SPS must not count their time."""
+    from common import Logger
+
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    args = anoseqs.Args(learning_starts=20, hidden_size=8, batch_size=8, buffer_size=500, log_every=40,
+                        eval_episodes=0)
+    logger = Logger("sps", args, quiet=True)
+    logger.start_time -= 1e6  # as if stages 1 and 2 had taken a very long time before stage 3
+    anoseqs.run_td3(args, "SafetyPointCircle1", 40, logger, torch.device("cpu"), seed=0)
+    logger.close()
+    (sps,) = [v for _, v in read_scalars(tmp_path / "runs" / "sps")["charts/SPS"]]
+    assert sps >= 1  # 40 steps / (1e6 s + run time) would log 0
