@@ -531,10 +531,11 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
                     closed_eps.append(open_eps[i])
                     open_eps[i] = [(next_obs[i].copy(), 0.0, False)]
 
-        rewards_t = torch.as_tensor(rewards, dtype=torch.float32, device=device)
+        stored_rewards = rewards  # the baselines' reward never goes to the device and back
         if detector is not None:
             t0 = time.perf_counter()
             with torch.inference_mode():
+                rewards_t = torch.as_tensor(rewards, dtype=torch.float32, device=device)
                 nxt = torch.as_tensor(real_next_obs, dtype=torch.float32, device=device)
                 windows = torch.cat([windows[:, 1:], nxt[:, None]], 1)  # the window ending at s_{t+1}
                 score = anomaly_score(detector, windows)
@@ -544,12 +545,13 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
                 windows = torch.where(done_t[:, None, None], fresh, windows)  # new episode: pad with its s_0
             score_time += time.perf_counter() - t0
             interval_scores.append(score)
-            interval_flagged += int((score > tau_threshold).sum())
+            interval_flagged = interval_flagged + (score > tau_threshold).sum()  # stays on the device until logged
             all_scores.append(score)
             all_costs.append(costs.copy())
+            stored_rewards = rewards_t.cpu().numpy()  # the one device->host copy of the scoring block
         interval_steps += args.num_envs
 
-        rb.add(obs=obs, action=actions, reward=rewards_t.cpu().numpy(), cost=costs, next_obs=real_next_obs,
+        rb.add(obs=obs, action=actions, reward=stored_rewards, cost=costs, next_obs=real_next_obs,
                done=terminations.astype(np.float32))
         obs = next_obs
 
@@ -611,9 +613,10 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
                 scores = torch.cat(interval_scores).cpu().numpy()
                 logger.writer.add_histogram("charts/anomaly_score", scores, global_step)
                 logger.scalar("charts/anomaly_score_mean", scores.mean(), global_step)
-                logger.scalar("charts/penalised_fraction", interval_flagged / max(interval_steps, 1), global_step)
+                penalised = float(interval_flagged) / max(interval_steps, 1)
+                logger.scalar("charts/penalised_fraction", penalised, global_step)
                 logger.scalar("charts/scoring_time_fraction", score_time / max(time.time() - start_time, 1e-9), global_step)
-                extra = f"penalised={interval_flagged / max(interval_steps, 1):.3f}"
+                extra = f"penalised={penalised:.3f}"
                 interval_scores, interval_flagged = [], 0
             interval_steps = 0
             logger.console(global_step, extra)

@@ -284,3 +284,43 @@ def test_sps_counts_only_the_stage_being_run(tmp_path, monkeypatch):
     logger.close()
     (sps,) = [v for _, v in read_scalars(tmp_path / "runs" / "sps")["charts/SPS"]]
     assert sps >= 1  # 40 steps / (1e6 s + run time) would log 0
+
+
+def test_env_steps_read_back_from_the_device_only_what_they_must(tmp_path, monkeypatch):
+    """Per step: the baselines move no reward to the device and back; AnoSeqs copies the shaped rewards once and
+    counts penalised steps on the device (no int() of a tensor per step, a host/device sync on a GPU)."""
+    from common import Logger
+
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    args = anoseqs.Args(learning_starts=100, hidden_size=8, batch_size=8, buffer_size=500, log_every=1000,
+                        eval_episodes=0, window_length=4)
+    calls = {"cpu": 0}
+    real_cpu, real_int, real_item = torch.Tensor.cpu, torch.Tensor.__int__, torch.Tensor.item
+
+    def from_anoseqs():
+        return sys._getframe(2).f_code.co_filename == anoseqs.__file__
+
+    def cpu(self, *a, **k):
+        calls["cpu"] += from_anoseqs()
+        return real_cpu(self, *a, **k)
+
+    def no_sync(real):
+        def wrapped(self, *a, **k):
+            assert not from_anoseqs(), "a per-step read of a tensor in anoseqs.py"
+            return real(self, *a, **k)
+        return wrapped
+
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    monkeypatch.setattr(torch.Tensor, "__int__", no_sync(real_int))
+    monkeypatch.setattr(torch.Tensor, "item", no_sync(real_item))
+    logger = Logger("baseline", args, quiet=True)
+    anoseqs.run_td3(args, "SafetyPointCircle1", 60, logger, torch.device("cpu"), seed=0)  # random actions only
+    logger.close()
+    assert calls["cpu"] == 0
+    detector = anoseqs.TransformerAutoencoder(28, 4, 8, 2, 1, 4).eval()
+    logger = Logger("anoseqs", args, quiet=True)
+    anoseqs.run_td3(args, "SafetyPointCircle1", 60, logger, torch.device("cpu"), seed=0, detector=detector,
+                    tau_threshold=0.0)
+    logger.close()
+    assert calls["cpu"] == 60 + 2  # one per step, plus the scores at the log line and at the end
