@@ -705,10 +705,13 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
     try:
-        env_id, _ = normalize_env_id(args.env_id)
-        source_env_id, _ = normalize_env_id(args.source_env_id or args.env_id)
+        env_id, vision = normalize_env_id(args.env_id)
+        source_env_id, source_vision = normalize_env_id(args.source_env_id or args.env_id)
     except ValueError as e:
         raise SystemExit(f"error: --env-id / --source-env-id: {e}") from None
+    if vision or source_vision:  # the id was silently reduced to its state version before
+        raise SystemExit(f"error: --env-id {args.env_id!r} / --source-env-id {args.source_env_id!r}: AnoSeqs works on "
+                         "state observations (windows of flat feature vectors); drop 'Vision' from the id")
     baseline = args.lagrangian or args.penalty_coef == 0
     if not baseline and args.stage == "all" and source_env_id != env_id:
         check_same_observation(source_env_id, env_id)  # before hours of stages 1 and 2, not after them

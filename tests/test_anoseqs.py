@@ -153,6 +153,9 @@ def test_autoencoder_learns_safe_sequences_and_separates_an_anomaly():
     (["--exploration-noise", "-0.1"], "--exploration-noise must be >= 0"),
     # refused before stage 1, not after stages 1 and 2 (Goal0 has no hazard/vase lidar: 28 values, Goal1 60)
     (["--env-id", "SafetyPointGoal1", "--source-env-id", "SafetyPointGoal0"], "gives observations of size 28"),
+    # a Vision id ran silently on the state observations of the same task
+    (["--env-id", "SafetyPointGoal1Vision"], "AnoSeqs works on state observations"),
+    (["--env-id", "SafetyPointGoal1", "--source-env-id", "SafetyPointGoal1Vision"], "drop 'Vision'"),
 ])
 def test_bad_input_is_rejected_clearly(tmp_path, args, message):
     proc = subprocess.run([sys.executable, str(REPO / "anoseqs.py"), *args], cwd=tmp_path, capture_output=True,
