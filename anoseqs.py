@@ -504,8 +504,8 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
     interval_flagged = interval_steps = 0
     updates = actor_updates = 0
     # SPS of this stage only: with --stage all the stage-3 logger was created before stages 1 and 2 ran
-    start_time = logger.start_time = time.time()
-    logger.start_step = 0
+    logger.restart_clock(0, total_timesteps)
+    start_time = logger.start_time
     num_iterations = -(-total_timesteps // args.num_envs)
     for iteration in range(1, num_iterations + 1):
         global_step = iteration * args.num_envs

@@ -635,7 +635,8 @@ if __name__ == "__main__":
     steps_by_guide, window_steps, losses = 0, 0, {}
     obs, _ = envs.reset(seed=args.seed)
     envs.single_action_space.seed(args.seed)
-    start_time = logger.start_time = time.time()  # SPS of the student phase only
+    logger.restart_clock(0, args.total_timesteps)  # SPS and ETA of the student phase only
+    start_time = logger.start_time
     for global_step in range(1, args.total_timesteps + 1):
         # composite sampling: who acts is decided per env in guide_acts
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)

@@ -30,11 +30,36 @@ def test_logger_writes_style_guide_tags(tmp_path, capsys):
     assert scalars["charts/episodic_return"] == [(100, 3.5)]
     assert scalars["charts/episodic_cost"] == [(100, 2.0)] and scalars["charts/episodic_length"] == [(100, 50.0)]
     assert scalars["eval/episodic_return"] == [(100, 1.0)] and scalars["eval/episodic_cost"] == [(100, 0.0)]
-    assert scalars["charts/cost_rate"] == [(100, 0.5), (200, 0.25)]  # 2 of 4 steps, then 2 of 8
+    # the cost rate is counted at every call but written once, with the console line: 2 of 8 steps
+    assert scalars["charts/cost_rate"] == [(200, 0.25)]
     assert scalars["losses/qf_loss"] == [(200, 0.25)] and scalars["charts/SPS"] == [(200, sps)]
     line = capsys.readouterr().out
-    assert "global_step=200" in line and f"SPS={sps}" in line
+    assert "global_step=200/1000 (20%)" in line and f"SPS={sps}" in line and " ETA " in line
     assert "episodic_return=3.50" in line and "episodic_cost=2.00" in line
+
+
+def test_logger_console_before_any_episode_and_one_cost_rate_per_line(tmp_path, capsys):
+    logger = Logger("run", Args(), root=str(tmp_path))
+    for step in range(1, 101):  # 100 env steps, one console line
+        logger.log_costs(step, np.array([float(step % 4 == 0)]))
+    logger.console(100, "updates/s=3.0")
+    logger.close()
+    line = capsys.readouterr().out
+    assert "nan" not in line and "no episode finished yet" in line and "updates/s=3.0" in line
+    assert read_scalars(tmp_path / "run")["charts/cost_rate"] == [(100, 0.25)]
+
+
+def test_logger_restart_clock_and_eta_format(tmp_path):
+    from common.logger import format_eta
+
+    assert format_eta(3 * 3600 + 25 * 60 + 7) == "3:25:07" and format_eta(float("inf")) == "?"
+    logger = Logger("run", Args(), root=str(tmp_path), quiet=True)
+    logger.start_time -= 1e6  # as if an earlier stage had taken very long
+    logger.restart_clock(500, total_steps=2000)
+    assert logger.total_steps == 2000 and logger.start_step == 500
+    done, eta = logger.progress(1000)
+    assert done == "1000/2000 (50%)" and eta != "?"
+    logger.close()
 
 
 def test_logger_writes_hyperparameter_table(tmp_path):
