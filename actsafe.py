@@ -13,7 +13,7 @@ by backpropagating lambda-returns through imagined latent trajectories; the cons
 augmented Lagrangian (default) or a log barrier (LBSGD).
 
 Paper -> code (the practical, pixel-based ActSafe of the paper's Section 5 and its appendix; see docs/actsafe.md):
-- the world model (RSSM, ensemble transition prior)       -> `WorldModel`, `common.rssm.RSSM`; its loss in the loop
+- the world model (RSSM, ensemble of whole priors)        -> `WorldModel`, `common.rssm.RSSM`; its loss in the loop
 - epistemic uncertainty u_t (normalised disagreement)     -> `epistemic_uncertainty()`          (eq. u_t)
 - optimism: intrinsic reward r_explore = scale * u_t      -> `imagined_rewards_and_costs()`
 - pessimism: c_t + alpha * u_t                            -> `pessimistic_cost()`
@@ -25,15 +25,22 @@ Paper -> code (the practical, pixel-based ActSafe of the paper's Section 5 and i
 - log barrier with LBSGD step size (Usmanova et al.)      -> `log_barrier()`, `lbsgd_step_scale()`, `lbsgd_gradients()`
 - Algorithm 1 (collect, fit model, plan in the model)     -> the main loop under `if __name__ == "__main__":`
 
-Deviations (reasons in docs/actsafe.md):
+As the authors' code (github.com/yardenas/actsafe), by default: each ensemble member is a whole transition prior
+(its own GRU cell) and the drawn member's h and z continue a rollout; members jittered by the std of one prior's
+initial parameters; each member's reward and cost from its own next state (mean over members); the pessimism's u_t
+with s = 1; LBSGD's m_0 = m_1 = 1.2e4, eta 0.1, eta_rate 8e-6 and backup step 1e-2 * grad(-slack); rounds that
+fall before the first stored episode skipped; the actor's output layer scaled by 0.01; no activation after the
+encoder's last convolution.
+
+Deviations (reasons and the other side's flag in docs/actsafe.md):
 - Safety-Gymnasium (SafetyPointGoal1 from 64x64 first-person pixels) instead of Safe Adaptation Gym.
-- PyTorch instead of JAX; Adam applies the LBSGD-scaled gradient (as the authors' code does); the LBSGD
-  constants m_0, m_1, eta, eta_rate are this script's choice (the notes do not give them).
-- The imagined cost of each member is the cost head applied to that member's prior MEAN (one head call for all
-  members at once); the reward uses the sampled continuing state.
+- PyTorch instead of JAX; Adam applies the LBSGD-scaled gradient (as the authors' code does).
+- The augmented Lagrangian is the default constraint handler (as the issue asks); the authors' default is LBSGD.
+- The lambda-return pairs the value of s_{t+1} with the reward received on reaching it (DreamerV3's indexing);
+  Dreamer v1 and the authors pair it with the reward predicted at s_t. Benign: a one-step shift of the model's
+  reward head, which is fitted for the row convention used here.
 - With `--store-chunk N > 0` an unfinished episode is stored in the replay as a sequence of its own once it holds N
   rows; this lets tiny runs (the smoke tests) train before a 1000-step episode ends. Default 0: whole episodes.
-- The augmented Lagrangian is the default constraint handler (as the issue asks); the authors' default is LBSGD.
 - Warm-up actions are uniform in [-1, 1] (the authors' code used [0, 1] by mistake).
 - `--capture-video` is not supported (rendering is the bottleneck on CPU); it is rejected with a message.
 """
@@ -104,7 +111,8 @@ class Args:
     exploration_reward_scale: float = 10.0
     """the intrinsic reward is this scale times u_t"""
     epistemic_scale: float = 1.0
-    """s in u_t = 0.5 log(1 + s * disagreement / aleatoric variance)"""
+    """s in the exploration reward's u_t = 0.5 log(1 + s * disagreement / aleatoric variance) (the pessimism's u_t
+    always uses s = 1, as the authors' code does)"""
     pessimism: float = 0.001
     """alpha in the pessimistic imagined cost c + alpha * u_t (0: no pessimism)"""
     constraint: Literal["lagrangian", "lbsgd", "none"] = "lagrangian"
@@ -119,6 +127,8 @@ class Args:
     """environment steps between two rounds of updates"""
     train_steps: int = 100
     """updates (world model and actor-critics) per round"""
+    catch_up: bool = False
+    """run the rounds missed while no episode was stored yet (False: skip them, as the authors' code does)"""
     buffer_capacity: int = 500_000
     """replay capacity in agent steps (1000 episodes of 500 agent steps)"""
     store_chunk: int = 0
@@ -135,8 +145,9 @@ class Args:
     """hidden size inside the RSSM"""
     ensemble_size: int = 5
     """members of the transition-prior ensemble"""
-    ensemble_init_jitter: float = 0.01
-    """std of the Gaussian jitter added to the members' common initialisation"""
+    ensemble_init_jitter: float | None = None
+    """std of the Gaussian jitter added to the members' common initialisation (None: the authors' rule, the std of
+    one prior's initial parameters, about 0.043 at the default sizes)"""
     cnn_depth: int = 32
     """channels of the first conv layer (encoder output 32 * depth)"""
     head_units: int = 400
@@ -153,6 +164,9 @@ class Args:
     # actor-critic
     actor_units: int = 400
     """units of the actor (5 layers)"""
+    actor_init_scale: float = 0.01
+    """the actor's output layer starts with its default weights times this and a zero bias (the authors' 0.01;
+    1: PyTorch's default initialisation)"""
     critic_units: int = 400
     """units of the critics (3 layers)"""
     actor_lr: float = 8e-5
@@ -177,12 +191,14 @@ class Args:
     """c grows by (1 + this) every update, up to 1"""
     lbsgd_eta: float = 0.1
     """initial barrier parameter eta of the log barrier"""
-    lbsgd_eta_rate: float = 1e-6
-    """eta shrinks by (1 + this) every update with positive slack"""
-    lbsgd_m0: float = 1.25e4
-    """LBSGD smoothness constant m_0 (step size at most 1 / m_0)"""
-    lbsgd_m1: float = 1.25e4
-    """LBSGD smoothness constant m_1 of the constraint"""
+    lbsgd_eta_rate: float = 8e-6
+    """eta shrinks by (1 + this) every update with positive slack (the authors' lbsgd.yaml)"""
+    lbsgd_m0: float = 1.2e4
+    """LBSGD smoothness constant m_0 (step size at most 1 / m_0; the authors' lbsgd.yaml)"""
+    lbsgd_m1: float = 1.2e4
+    """LBSGD smoothness constant m_1 of the constraint (the authors' lbsgd.yaml)"""
+    lbsgd_backup_lr: float = 1e-2
+    """infeasible (slack <= 0): the actor's gradient is this times the gradient of -slack (the authors' backup_lr)"""
 
     # run-time
     torch_threads: int = 1
@@ -258,13 +274,16 @@ def update_penalty(penalty: torch.Tensor, power_factor: float) -> torch.Tensor:
     return torch.clamp(penalty * (1 + power_factor), max=1.0)  # eq. penalty schedule: c <- min(c (1 + f), 1)
 
 
+LBSGD_EPS = 1e-8  # the authors' feasibility threshold: the barrier step needs slack > 1e-8
+
+
 def log_barrier(slack: torch.Tensor, eta: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-eta log(slack) where slack > 0. Returns (barrier term, feasible flag).
+    """-eta log(slack) where slack > 1e-8. Returns (barrier term, feasible flag).
 
     Guard: with a non-positive slack the log is undefined; the barrier term is then 0 and the caller falls
     back to minimising the cost alone (LBSGD's backup step).
     """
-    feasible = slack > 0
+    feasible = slack > LBSGD_EPS
     safe_slack = torch.where(feasible, slack, torch.ones_like(slack))  # never take the log of slack <= 0
     # eq. log barrier: B(slack) = -eta log(slack), defined for slack > 0 only
     return torch.where(feasible, -eta * torch.log(safe_slack), torch.zeros_like(slack)), feasible
@@ -284,19 +303,20 @@ def lbsgd_step_scale(slack, loss_grad, constraint_grad, eta, m0, m1, base_lr, ep
     return torch.minimum(lhs, 1 / m2) / base_lr
 
 
-def lbsgd_gradients(barrier_objective, slack, feasible, params, eta, m0, m1, base_lr):
+def lbsgd_gradients(barrier_objective, slack, feasible, params, eta, m0, m1, base_lr, backup_lr):
     """The actor's LBSGD gradients without a device->host sync: both branches are computed and `torch.where` picks.
 
-    Feasible (slack > 0): the barrier objective's gradient times the LBSGD step scale (Adam then applies it).
-    Infeasible: the backup step, the gradient of f_1 = -slack (descend the cost return alone). Returns (grads, scale)
-    with scale 0 in the infeasible case.
+    Feasible (slack > 1e-8): the barrier objective's gradient times the LBSGD step scale (Adam then applies it).
+    Infeasible: the backup step, backup_lr times the gradient of f_1 = -slack (descend the cost return alone), as
+    the authors' code. Returns (grads, scale) with scale 0 in the infeasible case.
     """
     g = torch.autograd.grad(barrier_objective, params, retain_graph=True)
     f1 = torch.autograd.grad(-slack, params, retain_graph=True)
     flat_g, flat_f1 = torch.cat([x.flatten() for x in g]), torch.cat([x.flatten() for x in f1])
     scale = lbsgd_step_scale(slack.detach(), flat_g, flat_f1, eta, m0, m1, base_lr)
     scale = torch.where(feasible, scale, torch.zeros_like(scale))  # the formula is NaN for slack <= 0: not used then
-    return [torch.where(feasible, gp * scale, fp) for gp, fp in zip(g, f1)], scale
+    # eq. LBSGD backup step (infeasible): backup_lr * grad f_1
+    return [torch.where(feasible, gp * scale, backup_lr * fp) for gp, fp in zip(g, f1)], scale
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -309,7 +329,7 @@ class WorldModel(nn.Module):
 
     def __init__(self, action_dim: int, args: Args):
         super().__init__()
-        self.encoder = ConvEncoder(3, args.cnn_depth, activation=nn.ELU)
+        self.encoder = ConvEncoder(3, args.cnn_depth, activation=nn.ELU, final_activation=False)  # as the authors
         self.rssm = RSSM(action_dim, self.encoder.out_dim, args.deter_dim, args.stoch_dim, args.hidden_dim,
                          args.ensemble_size, init_jitter=args.ensemble_init_jitter)
         feat = self.rssm.feature_dim
@@ -324,9 +344,13 @@ class WorldModel(nn.Module):
 class Actor(nn.Module):
     """Tanh-squashed Gaussian policy on the latent features (Dreamer v1 parameterisation)."""
 
-    def __init__(self, feat_dim: int, action_dim: int, units: int, mean_scale=5.0, init_std=5.0, min_std=1e-4):
+    def __init__(self, feat_dim: int, action_dim: int, units: int, mean_scale=5.0, init_std=5.0, min_std=1e-4,
+                 init_scale: float = 0.01):
         super().__init__()
         self.net = mlp(feat_dim, [units] * 5, 2 * action_dim, activation=nn.ELU)
+        with torch.no_grad():  # the authors' output layer: weights times init_scale, zero bias (near-zero first means)
+            self.net[-1].weight.mul_(init_scale)
+            self.net[-1].bias.zero_()
         self.mean_scale, self.min_std = mean_scale, min_std
         self.raw_init_std = math.log(math.exp(init_std) - 1)
 
@@ -344,7 +368,7 @@ class ActorCritic(nn.Module):
 
     def __init__(self, feat_dim: int, action_dim: int, args: Args):
         super().__init__()
-        self.actor = Actor(feat_dim, action_dim, args.actor_units)
+        self.actor = Actor(feat_dim, action_dim, args.actor_units, init_scale=args.actor_init_scale)
         self.critic = mlp(feat_dim, [args.critic_units] * 3, 1, activation=nn.ELU)
         self.cost_critic = mlp(feat_dim, [args.critic_units] * 3, 1, activation=nn.ELU)
 
@@ -365,37 +389,43 @@ def frozen(*modules: nn.Module):
 def imagine(wm: WorldModel, actor: Actor, start: dict, horizon: int) -> dict:
     """Roll the policy out in the model for `horizon` steps from the (detached) start states.
 
-    All members predict each next state; one member, drawn per step, continues the rollout.
-    Returns feats (H+1, N, F) and the members' prior means/stds (H, E, N, S) of states 1..H.
+    All members step from the same state; one member, drawn per step on the device, continues the rollout with its
+    own h and z (as the authors' code). Returns feats (H+1, N, F) of the continuing states 0..H, and for states 1..H
+    every member's own next-state features (H, E, N, F) and prior means/stds (H, E, N, S).
     """
     state = {"deter": start["deter"], "stoch": start["stoch"]}
-    feats, deters, ens_means, ens_stds = [RSSM.features(state)], [], [], []
-    for _ in range(horizon):
+    members = wm.rssm.draw_members(horizon, start["deter"].device)
+    feats, member_feats, ens_means, ens_stds = [RSSM.features(state)], [], [], []
+    for t in range(horizon):
         action = actor(feats[-1].detach())  # no gradient through the policy's input (Dreamer)
-        state = wm.rssm.img_step(state, action)
+        state = wm.rssm.img_step(state, action, members[t])
         feats.append(RSSM.features(state))
-        deters.append(state["deter"])
+        member_feats.append(RSSM.member_features(state))
         ens_means.append(state["ens_mean"])
         ens_stds.append(state["ens_std"])
-    return {"feats": torch.stack(feats), "ens_mean": torch.stack(ens_means), "ens_std": torch.stack(ens_stds),
-            "deter": torch.stack(deters)}
+    return {"feats": torch.stack(feats), "member_feats": torch.stack(member_feats),
+            "ens_mean": torch.stack(ens_means), "ens_std": torch.stack(ens_stds)}
 
 
 def imagined_rewards_and_costs(wm: WorldModel, traj: dict, args: Args, intrinsic: bool) -> dict:
-    """Per-step reward (extrinsic, or the scaled uncertainty when `intrinsic`) and pessimistic cost of states 1..H."""
-    u = epistemic_uncertainty(traj["ens_mean"].transpose(0, 1), traj["ens_std"].transpose(0, 1),
-                              args.epistemic_scale)  # (H, N)
-    heads = wm.heads(traj["feats"][1:])  # (H, N, 2)
-    # each member's cost: the head on [that member's prior mean, the shared deterministic state]
-    deter = traj["deter"].unsqueeze(1).expand(-1, traj["ens_mean"].shape[1], -1, -1)  # (H, E, N, D)
-    ens_costs = wm.heads(torch.cat([traj["ens_mean"], deter], -1))[..., 1]  # (H, E, N)
-    cost = pessimistic_cost(ens_costs.transpose(0, 1), u, args.pessimism)
+    """Per-step reward (extrinsic, or the scaled uncertainty when `intrinsic`) and pessimistic cost of states 1..H.
+
+    Each member's reward and cost is the head on that member's own next state; the extrinsic reward is their mean
+    (the authors' "bayes" sentiment), the cost their mean plus alpha u_t.
+    """
+    ens_mean, ens_std = traj["ens_mean"].transpose(0, 1), traj["ens_std"].transpose(0, 1)  # (E, H, N, S)
+    heads = wm.heads(traj["member_feats"])  # (H, E, N, 2)
+    ens_rewards, ens_costs = heads[..., 0].transpose(0, 1), heads[..., 1].transpose(0, 1)  # (E, H, N)
+    # pessimism: u_t with s = 1 whatever --epistemic-scale (the authors' UpperConfidenceBound sentiment)
+    u = epistemic_uncertainty(ens_mean, ens_std, args.epistemic_scale)  # (H, N)
+    u_pessimism = u if args.epistemic_scale == 1.0 else epistemic_uncertainty(ens_mean, ens_std)
+    cost = pessimistic_cost(ens_costs, u_pessimism, args.pessimism)
     if intrinsic:
         # eq. optimism: r_explore = scale * u_t (gradient stopped, as in the authors' code)
         reward = args.exploration_reward_scale * u.detach()
     else:
-        reward = heads[..., 0]
-    return {"reward": reward, "cost": cost, "uncertainty": u.detach(), "model_cost": ens_costs.mean(1).detach()}
+        reward = ens_rewards.mean(0)
+    return {"reward": reward, "cost": cost, "uncertainty": u.detach(), "model_cost": ens_costs.mean(0).detach()}
 
 
 def actor_critic_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args, intrinsic: bool,
@@ -455,13 +485,14 @@ def validate(args: Args) -> None:
                    "buffer_capacity", "batch_size", "sequence_length", "deter_dim", "stoch_dim",
                    "hidden_dim", "ensemble_size", "cnn_depth", "head_units", "actor_units", "critic_units",
                    "model_lr", "actor_lr", "critic_lr", "adam_eps", "grad_clip", "imag_horizon", "cost_limit",
-                   "episode_length", "initial_penalty", "lbsgd_eta", "lbsgd_m0", "lbsgd_m1", "log_every")
+                   "episode_length", "initial_penalty", "lbsgd_eta", "lbsgd_m0", "lbsgd_m1", "lbsgd_backup_lr",
+                   "actor_init_scale", "log_every")
     check_choice(args, "exploration", ["optimistic", "greedy"])
     check_choice(args, "constraint", ["lagrangian", "lbsgd", "none"])
     for name in ("warmup_steps", "exploration_steps", "pessimism", "exploration_reward_scale", "epistemic_scale",
                  "initial_lagrangian", "penalty_power_factor", "lbsgd_eta_rate", "eval_episodes", "free_nats",
                  "ensemble_init_jitter", "torch_threads"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)!r}")
     if not 0 < args.gamma < 1:
         raise SystemExit(f"error: --gamma must be in (0, 1) (the budget divides by 1 - gamma), got {args.gamma!r}")
@@ -567,8 +598,10 @@ if __name__ == "__main__":
         prev_action = action * keep
         obs = next_obs
 
-        # ---- learn: `train_steps` updates every `train_every` environment steps once warm; rounds missed while no
-        # episode was stored yet are caught up one per iteration, so the ratio of updates to env steps is kept
+        # ---- learn: `train_steps` updates every `train_every` environment steps once warm. A round that falls while
+        # no episode is stored yet is skipped (the authors' code), or with --catch-up run later, one per iteration
+        if global_step >= next_train and not buffer.episodes and not args.catch_up:
+            next_train += args.train_every * ((global_step - next_train) // args.train_every + 1)
         if global_step >= next_train and buffer.episodes:
             require_sequences(buffer, args.sequence_length)
             next_train += args.train_every
@@ -612,7 +645,7 @@ if __name__ == "__main__":
                         params = list(ac.actor.parameters())
                         grads, scale = lbsgd_gradients(ac_info["barrier_objective"], ac_info["slack"],
                                                        ac_info["feasible"], params, cs["eta"], args.lbsgd_m0,
-                                                       args.lbsgd_m1, args.actor_lr)
+                                                       args.lbsgd_m1, args.actor_lr, args.lbsgd_backup_lr)
                         for p, gp in zip(params, grads):
                             p.grad = gp
                         cs["eta"] = torch.where(ac_info["feasible"], cs["eta"] / (1 + args.lbsgd_eta_rate), cs["eta"])

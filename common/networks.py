@@ -38,17 +38,19 @@ class ConvEncoder(nn.Module):
     """Dreamer/PlaNet encoder: four 4x4 stride-2 convolutions (depth x 1, 2, 4, 8), 64x64 -> 8 * depth * 2 * 2.
 
     Input: images (..., C, 64, 64) as floats (scale them first, e.g. to [-0.5, 0.5]).
-    With depth 32 the output has 1024 features.
+    With depth 32 the output has 1024 features. `final_activation=False` leaves the last convolution linear
+    (ActSafe's encoder); Dreamer v1 and PlaNet apply the activation after every convolution.
     """
 
-    def __init__(self, in_channels: int = 3, depth: int = 32, activation: type[nn.Module] = nn.ReLU):
+    def __init__(self, in_channels: int = 3, depth: int = 32, activation: type[nn.Module] = nn.ReLU,
+                 final_activation: bool = True):
         super().__init__()
         d = depth
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, d, 4, 2), activation(),
             nn.Conv2d(d, 2 * d, 4, 2), activation(),
             nn.Conv2d(2 * d, 4 * d, 4, 2), activation(),
-            nn.Conv2d(4 * d, 8 * d, 4, 2), activation(),
+            nn.Conv2d(4 * d, 8 * d, 4, 2), *([activation()] if final_activation else []),
             nn.Flatten(),
         )  # fmt: skip
         self.out_dim = 8 * d * 2 * 2

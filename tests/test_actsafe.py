@@ -175,16 +175,24 @@ def test_lbsgd_gradients_choose_the_branch_on_the_device():
 
     # feasible (slack 2): the barrier objective's gradient times the LBSGD scale
     w, slack, feasible, objective = pieces([0.5, 0.5])
-    grads, scale = lbsgd_gradients(objective, slack, feasible, [w], eta, m0, m1, lr)
+    grads, scale = lbsgd_gradients(objective, slack, feasible, [w], eta, m0, m1, lr, backup_lr=1e-2)
     g = 2 * w.detach() + eta / 2.0  # d/dw [w^2 - eta log(3 - sum w)]
     expected_scale = lbsgd_step_scale(torch.tensor(2.0), g, torch.ones(2), eta, m0, m1, lr)
     assert scale.item() == pytest.approx(expected_scale.item(), rel=1e-5) and scale.item() > 0
     torch.testing.assert_close(grads[0], g * expected_scale)
-    # infeasible (slack -1): the backup step, the gradient of -slack, and no NaN from the step-size formula
+    # infeasible (slack -1): the backup step, backup_lr times the gradient of -slack (d(-slack)/dw = 1), no NaN
     w, slack, feasible, objective = pieces([2.0, 2.0])
-    grads, scale = lbsgd_gradients(objective, slack, feasible, [w], eta, m0, m1, lr)
-    torch.testing.assert_close(grads[0], torch.ones(2))
+    grads, scale = lbsgd_gradients(objective, slack, feasible, [w], eta, m0, m1, lr, backup_lr=1e-2)
+    torch.testing.assert_close(grads[0], torch.full((2,), 1e-2))
     assert scale.item() == 0.0
+    # a slack of 1e-9 is infeasible too (the authors' threshold is 1e-8)
+    assert not log_barrier(torch.tensor(1e-9), eta)[1] and log_barrier(torch.tensor(1e-7), eta)[1]
+
+
+def test_lbsgd_defaults_are_the_authors():
+    args = Args()  # configs/agent/penalizer/lbsgd.yaml of github.com/yardenas/actsafe
+    assert (args.lbsgd_m0, args.lbsgd_m1, args.lbsgd_eta, args.lbsgd_eta_rate, args.lbsgd_backup_lr) == (
+        1.2e4, 1.2e4, 0.1, 8e-6, 1e-2)
 
 
 # ---- gradient routing ---------------------------------------------------------------------------------------------
@@ -216,6 +224,66 @@ def test_actor_loss_reaches_only_the_actor(constraint):
         assert info["uncertainty"].shape == (args.imag_horizon, 8)
 
 
+def test_actor_output_layer_starts_near_zero():
+    torch.manual_seed(0)
+    actor = ActorCritic(260, 2, Args()).actor
+    last = actor.net[-1]
+    assert last.weight.abs().max() <= 1e-3 and torch.equal(last.bias, torch.zeros_like(last.bias))
+    assert actor.net[0].weight.abs().max() > 1e-2  # only the output layer is scaled
+    default = ActorCritic(260, 2, Args(actor_init_scale=1.0)).actor.net[-1]
+    assert default.weight.abs().max() > 1e-2  # 1: PyTorch's default initialisation
+
+
+def authors_rule_uncertainty(start, horizon, ensemble_size, action_dim, seed):
+    """Mean u_t of a random-action rollout through E plain priors initialised by the authors' rule, written
+    independently of common/rssm.py: one prior (Linear -> GRUCell -> Linear -> Linear) is initialised, the members
+    are copies whose Linear layers get N(0, s^2) jitter, s = the std of all of that prior's parameters."""
+    torch.manual_seed(seed)
+    S, D = start["stoch"].shape[-1], start["deter"].shape[-1]
+    base = torch.nn.ModuleDict({"inp": torch.nn.Linear(S + action_dim, D), "gru": torch.nn.GRUCell(D, D),
+                                "hid": torch.nn.Linear(D, D), "out": torch.nn.Linear(D, 2 * S)})
+    s = torch.cat([p.detach().flatten() for p in base.parameters()]).std()
+    members = []
+    for _ in range(ensemble_size):
+        m = __import__("copy").deepcopy(base)
+        with torch.no_grad():
+            for name in ("inp", "hid", "out"):
+                m[name].weight.add_(s * torch.randn_like(m[name].weight))
+                m[name].bias.add_(s * torch.randn_like(m[name].bias))
+        members.append(m)
+    h, z, us = start["deter"], start["stoch"], []
+    with torch.no_grad():
+        for _ in range(horizon):
+            a = torch.rand(h.shape[0], action_dim) * 2 - 1
+            outs = []
+            for m in members:
+                h_e = m["gru"](torch.nn.functional.elu(m["inp"](torch.cat([z, a], -1))), h)
+                mu, sd = m["out"](torch.nn.functional.elu(m["hid"](h_e))).chunk(2, -1)
+                outs.append((h_e, mu, torch.nn.functional.softplus(sd) + 0.1))
+            mus, sds = torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])
+            us.append(0.5 * torch.log1p(mus.var(0, unbiased=False).mean(-1) / (sds.pow(2).mean(0).mean(-1) + 1e-5)))
+            e = int(torch.randint(ensemble_size, ()))
+            h, z = outs[e][0], outs[e][1] + outs[e][2] * torch.randn_like(outs[e][2])
+    return torch.stack(us).mean().item()
+
+
+def test_uncertainty_at_initialisation_matches_the_authors_rule():
+    # default Args: whole-prior members and the authors' jitter give u_t of order 1e-2 at initialisation (a shared
+    # GRU with 0.01 jitter gave about 3.5e-4, 37x less: the issue that asked for this test)
+    args = Args()
+    torch.manual_seed(0)
+    start = {"deter": torch.tanh(torch.randn(800, args.deter_dim)), "stoch": torch.randn(800, args.stoch_dim)}
+    torch.manual_seed(1)
+    wm = WorldModel(2, args)
+    random_actor = lambda feat: torch.rand(feat.shape[0], 2) * 2 - 1  # noqa: E731
+    with torch.no_grad():
+        traj = actsafe.imagine(wm, random_actor, start, args.imag_horizon)
+        ours = epistemic_uncertainty(traj["ens_mean"].transpose(0, 1), traj["ens_std"].transpose(0, 1)).mean().item()
+    authors = authors_rule_uncertainty(start, args.imag_horizon, args.ensemble_size, 2, seed=2)
+    assert authors / 2 < ours < authors * 2, (ours, authors)
+    assert ours > 3e-3
+
+
 def test_intrinsic_reward_is_the_scaled_uncertainty():
     torch.manual_seed(0)
     args = Args(**TINY, exploration_reward_scale=10.0)
@@ -242,6 +310,9 @@ def test_intrinsic_reward_is_the_scaled_uncertainty():
     (dict(store_chunk=10, sequence_length=50), "--store-chunk"),
     (dict(store_chunk=-1), "--store-chunk"),
     (dict(capture_video=True), "--capture-video is not supported"),
+    (dict(ensemble_init_jitter=-0.1), "--ensemble-init-jitter must be >= 0"),
+    (dict(lbsgd_backup_lr=0.0), "--lbsgd-backup-lr must be positive"),
+    (dict(actor_init_scale=-1.0), "--actor-init-scale must be positive"),
     (dict(env_id="SafetyPointGaol1"), "Closest valid ids: SafetyPointGoal1"),
 ])
 def test_bad_input_is_rejected_with_a_message(change, message):
@@ -306,6 +377,17 @@ def test_smoke_actsafe_lbsgd_greedy_eval_and_save(tmp_path):
     assert "charts/barrier_eta" in s and "charts/lagrange_multiplier" not in s
     assert not any(tag.startswith("losses/explore_") for tag in s)  # greedy: no exploration actor-critic
     assert os.path.exists(run / "actsafe.cleanrl_model")
+
+
+@pytest.mark.parametrize("catch_up, updates", [(False, 2), (True, 6)])
+def test_rounds_before_the_first_stored_episode_are_skipped_unless_caught_up(tmp_path, catch_up, updates):
+    # rounds fall at env steps 250, 500, 750; the first sequence is stored at about step 600 (300 rows of one env,
+    # action repeat 2): the authors skip the first two rounds (1 round of 2 updates); --catch-up runs them later
+    flags = tiny_flags(total_timesteps=800, warmup_steps=250, train_every=250, store_chunk=300, eval_episodes=0,
+                       exploration="greedy")
+    run_script("actsafe.py", *flags, *(["--catch-up"] if catch_up else []), cwd=tmp_path)
+    (run,) = run_dirs(tmp_path)
+    assert read_scalars(run)["charts/updates"][-1][1] == updates
 
 
 def test_same_seed_same_imagination_on_cpu():
