@@ -47,7 +47,7 @@ Deviations (reasons and the other side's flag in docs/actsafe.md):
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import os
 import time
@@ -75,6 +75,8 @@ from common import (
     normalize_env_id,
     seed_everything,
 )
+from common.capture import resolve_speed_flags, speed_up
+from common.envs import default_async
 from common.rssm import RSSM, balanced_kl_loss
 
 
@@ -203,8 +205,12 @@ class Args:
     # run-time
     torch_threads: int = 1
     """torch CPU threads (1: no contention with the software renderer, much faster on a busy CPU; 0: torch's default)"""
-    amp: bool = False
-    """bfloat16 autocast for the model and imagination on a GPU (ignored on the CPU)"""
+    compile: bool | None = None
+    """torch.compile the update (None: on with CUDA, off on the CPU; see docs/actsafe.md for its effect on a CPU)"""
+    cudagraphs: bool | None = None
+    """capture the whole update as one CUDA graph and replay it (None: on with CUDA; needs CUDA)"""
+    async_envs: bool | None = None
+    """step the envs in worker processes (None: when the machine has 4 or more cores); False: in this process"""
     eval_episodes: int = 1
     """evaluation episodes at the end with the task policy's deterministic action (0: none)"""
     log_every: int = 5000
@@ -373,19 +379,6 @@ class ActorCritic(nn.Module):
         self.cost_critic = mlp(feat_dim, [args.critic_units] * 3, 1, activation=nn.ELU)
 
 
-@contextlib.contextmanager
-def frozen(*modules: nn.Module):
-    """Gradients flow THROUGH these modules (e.g. the dynamics) but never INTO their parameters."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def imagine(wm: WorldModel, actor: Actor, start: dict, horizon: int) -> dict:
     """Roll the policy out in the model for `horizon` steps from the (detached) start states.
 
@@ -432,41 +425,128 @@ def actor_critic_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args
                         constraint_state: dict, budget: float):
     """Dreamer actor and critic losses of one actor-critic from imagined trajectories, with the constraint term.
 
-    The actor loss reaches only the actor's parameters (world model and critics are frozen while it is built);
-    the critic losses reach only the critics. Returns (actor_loss, critic_loss, info) where info holds detached
-    tensors (slack, constraint term, uncertainty, ...) and the pieces the constraint update needs.
+    The actor loss depends on the world model and the critics too (gradients flow THROUGH the imagined dynamics);
+    `update_actor_critic` differentiates it with respect to the actor's parameters only. The critic losses see
+    detached features and targets, so they reach only the critics. Returns (actor_loss, critic_loss, info) where
+    info holds detached tensors (slack, constraint term, uncertainty, ...) and what the constraint update needs.
     """
-    with frozen(wm, ac.critic, ac.cost_critic):
-        traj = imagine(wm, ac.actor, start, args.imag_horizon)
-        out = imagined_rewards_and_costs(wm, traj, args, intrinsic)
-        values = ac.critic(traj["feats"]).squeeze(-1).float()  # (H+1, N); returns in float32 even under autocast
-        cost_values = ac.cost_critic(traj["feats"]).squeeze(-1).float()
-        returns = lambda_returns(out["reward"].float(), values, args.gamma, args.lambda_)
-        cost_returns = lambda_returns(out["cost"].float(), cost_values, args.gamma, args.lambda_)
-        objective = discounted_mean(returns, args.gamma)  # later imagined steps weigh less (Dreamer)
-        # eq. constraint: slack = budget - mean_t,n C_t^lambda (>= 0 within budget; unweighted, as the authors do)
-        slack = budget - cost_returns.mean()
-        if args.constraint == "lagrangian":
-            psi, new_lagrange = augmented_lagrangian(slack, constraint_state["lagrange"], constraint_state["penalty"])
-            actor_loss = -objective + psi
-            info = {"constraint_term": psi.detach(), "new_lagrange": new_lagrange.detach()}
-        elif args.constraint == "lbsgd":
-            barrier, feasible = log_barrier(slack, constraint_state["eta"])
-            # infeasible: LBSGD's backup step descends the constraint f_1 = -slack only
-            actor_loss = torch.where(feasible, -objective + barrier, -slack)
-            info = {"constraint_term": barrier.detach(), "feasible": feasible,
-                    "barrier_objective": -objective + barrier}
-        else:
-            actor_loss = -objective
-            info = {"constraint_term": torch.zeros(())}
+    traj = imagine(wm, ac.actor, start, args.imag_horizon)
+    out = imagined_rewards_and_costs(wm, traj, args, intrinsic)
+    values = ac.critic(traj["feats"]).squeeze(-1)  # (H+1, N)
+    cost_values = ac.cost_critic(traj["feats"]).squeeze(-1)
+    returns = lambda_returns(out["reward"], values, args.gamma, args.lambda_)
+    cost_returns = lambda_returns(out["cost"], cost_values, args.gamma, args.lambda_)
+    objective = discounted_mean(returns, args.gamma)  # later imagined steps weigh less (Dreamer)
+    # eq. constraint: slack = budget - mean_t,n C_t^lambda (>= 0 within budget; unweighted, as the authors do)
+    slack = budget - cost_returns.mean()
+    if args.constraint == "lagrangian":
+        psi, new_lagrange = augmented_lagrangian(slack, constraint_state["lagrange"], constraint_state["penalty"])
+        actor_loss = -objective + psi
+        info = {"constraint_term": psi.detach(), "new_lagrange": new_lagrange.detach()}
+    elif args.constraint == "lbsgd":
+        barrier, feasible = log_barrier(slack, constraint_state["eta"])
+        # infeasible: LBSGD's backup step descends the constraint f_1 = -slack only
+        actor_loss = torch.where(feasible, -objective + barrier, -slack)
+        info = {"constraint_term": barrier.detach(), "feasible": feasible, "barrier_objective": -objective + barrier}
+    else:
+        actor_loss = -objective
+        info = {"constraint_term": torch.zeros((), device=slack.device)}
     feats = traj["feats"][:-1].detach()
-    critic_loss = discounted_mean(0.5 * (ac.critic(feats).squeeze(-1).float() - returns.detach()).pow(2), args.gamma)
+    critic_loss = discounted_mean(0.5 * (ac.critic(feats).squeeze(-1) - returns.detach()).pow(2), args.gamma)
     critic_loss = critic_loss + discounted_mean(
-        0.5 * (ac.cost_critic(feats).squeeze(-1).float() - cost_returns.detach()).pow(2), args.gamma)
+        0.5 * (ac.cost_critic(feats).squeeze(-1) - cost_returns.detach()).pow(2), args.gamma)
     info.update(slack=slack, objective=objective.detach(), returns=returns.detach(),
                 cost_return=cost_returns.mean().detach(),
                 uncertainty=out["uncertainty"], imagined_cost=out["model_cost"].mean())
     return actor_loss, critic_loss, info
+
+
+def world_model_loss(wm: WorldModel, batch: dict, args: Args):
+    """Reconstruction + reward + cost NLL (unit variances) + balanced KL against one drawn member per step.
+
+    batch: (B, T, ...) tensors, row t = (o_t, a_{t-1}, r_t, c_t). Returns (loss, posterior states, metrics).
+    """
+    images = wm.preprocess(batch["obs"])
+    posts, priors = wm.rssm.observe(wm.encoder(images), batch["action"])
+    feats = RSSM.features(posts)
+    heads = wm.heads(feats)
+    image_loss = 0.5 * (wm.decoder(feats) - images).pow(2).sum((-3, -2, -1)).mean()
+    reward_loss = 0.5 * (heads[..., 0] - batch["reward"]).pow(2).mean()
+    cost_loss = 0.5 * (heads[..., 1] - batch["cost"]).pow(2).mean()
+    kl_loss, kl_value = balanced_kl_loss(posts, priors, args.kl_balance, args.free_nats)
+    # eq. world-model loss: -ln p(o|s) - ln p(r|s) - ln p(c|s) + beta KL_balanced(q || p_e), unit variances
+    loss = image_loss + reward_loss + cost_loss + args.kl_scale * kl_loss
+    metrics = {"losses/model_loss": loss.detach(), "losses/image_loss": image_loss.detach(),
+               "losses/reward_loss": reward_loss.detach(), "losses/cost_loss": cost_loss.detach(),
+               "losses/kl": kl_value, "charts/real_cost": batch["cost"].mean()}
+    return loss, posts, metrics
+
+
+def update_actor_critic(wm: WorldModel, ac: ActorCritic, actor_opt, critic_opt, cs: dict, start: dict, args: Args,
+                        intrinsic: bool, budget: float, prefix: str) -> dict:
+    """One step of the actor (the gradient of its loss w.r.t. its own parameters only: it flows through the model and
+    the critics without changing them), of the critics, and of the constraint state `cs` (updated in place, on the
+    device). All gradients are taken before any parameter changes. Returns detached metrics."""
+    actor_loss, critic_loss, info = actor_critic_losses(wm, ac, start, args, intrinsic, cs, budget)
+    actor_params = list(ac.actor.parameters())
+    critic_params = [*ac.critic.parameters(), *ac.cost_critic.parameters()]
+    metrics = {}
+    if args.constraint == "lbsgd":
+        # LBSGD: the barrier gradient scaled by the adaptive step size relative to the base lr, or the backup step
+        # when infeasible; chosen on the device
+        actor_grads, scale = lbsgd_gradients(info["barrier_objective"], info["slack"], info["feasible"], actor_params,
+                                             cs["eta"], args.lbsgd_m0, args.lbsgd_m1, args.actor_lr,
+                                             args.lbsgd_backup_lr)
+        metrics[f"charts/{prefix}lbsgd_step_scale"] = scale.detach()
+    else:
+        # retain_graph: under torch.compile the actor and critic losses leave one compiled forward
+        actor_grads = torch.autograd.grad(actor_loss, actor_params, retain_graph=True)
+    critic_grads = torch.autograd.grad(critic_loss, critic_params)
+    # only now, with every gradient taken, do parameters and constraint states change (in place)
+    for params, grads, opt in ((actor_params, actor_grads, actor_opt), (critic_params, critic_grads, critic_opt)):
+        for p, g in zip(params, grads):
+            p.grad = g
+        nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+    if args.constraint == "lbsgd":
+        cs["eta"].copy_(torch.where(info["feasible"], cs["eta"] / (1 + args.lbsgd_eta_rate), cs["eta"]))
+        metrics[f"charts/{prefix}barrier_eta"] = cs["eta"]
+    if args.constraint == "lagrangian":
+        cs["lagrange"].copy_(info["new_lagrange"])
+        cs["penalty"].copy_(update_penalty(cs["penalty"], args.penalty_power_factor))
+        metrics[f"charts/{prefix}lagrange_multiplier"] = cs["lagrange"]
+        metrics[f"charts/{prefix}penalty_multiplier"] = cs["penalty"]
+    metrics.update({
+        f"losses/{prefix}actor_loss": actor_loss.detach(),
+        f"losses/{prefix}critic_loss": critic_loss.detach(),
+        f"charts/{prefix}slack": info["slack"].detach(),
+        f"charts/{prefix}imagined_cost_return": info["cost_return"],
+        f"charts/{prefix}imagined_cost": info["imagined_cost"],
+        f"charts/{prefix}uncertainty_mean": info["uncertainty"].mean(),
+        f"charts/{prefix}uncertainty_max": info["uncertainty"].max(),
+    })
+    return metrics
+
+
+def update(wm: WorldModel, model_opt, acs: dict, actor_opts: dict, critic_opts: dict, constraint_states: dict,
+           batch: dict, args: Args, budget: float) -> dict:
+    """One full update (Algorithm 1's "fit the model, plan in the model"): the world model on a replayed batch, then
+    each actor-critic in `acs` in imagination from every posterior state of the batch.
+
+    Free of host syncs and host-side randomness, so that it can be compiled and captured as one CUDA graph
+    (`common.capture.speed_up`); returns detached metric tensors, read once per round for logging.
+    """
+    model_loss, posts, metrics = world_model_loss(wm, batch, args)
+    model_opt.zero_grad(set_to_none=True)
+    model_loss.backward()
+    nn.utils.clip_grad_norm_(wm.parameters(), args.grad_clip)
+    model_opt.step()
+    start = {k: posts[k].detach().reshape(-1, posts[k].shape[-1]) for k in ("deter", "stoch")}
+    for name, ac in acs.items():  # "explore" (during expansion) and "task"
+        prefix = "" if name == "task" else "explore_"
+        metrics.update(update_actor_critic(wm, ac, actor_opts[name], critic_opts[name], constraint_states[name], start,
+                                           args, intrinsic=(name == "explore"), budget=budget, prefix=prefix))
+    return metrics
 
 
 def require_sequences(buffer: EpisodeBuffer, length: int) -> None:
@@ -524,24 +604,23 @@ if __name__ == "__main__":
     device = get_device(args.cuda)
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
-    if args.amp and device.type != "cuda":
-        print("--amp asks for mixed precision on a GPU; running in float32 on the CPU.", flush=True)
-    autocast = lambda: torch.autocast("cuda", torch.bfloat16, enabled=args.amp and device.type == "cuda")  # noqa: E731
+    compile_update, cudagraphs = resolve_speed_flags(args.compile, args.cudagraphs, device)
 
     # environments: 64x64 pixels from the robot's camera, whatever id the user typed
-    envs = make_vector_env(args.env_id, args.num_envs, args.seed, vision=True, image_size=64,
-                           action_repeat=args.action_repeat)
+    async_envs = default_async(args.num_envs) if args.async_envs is None else args.async_envs
+    envs = make_vector_env(args.env_id, args.num_envs, args.seed, asynchronous=async_envs, vision=True,
+                           image_size=64, action_repeat=args.action_repeat)
     action_dim = envs.single_action_space.shape[0]
     act_low = envs.single_action_space.low.astype(np.float32)
     act_high = envs.single_action_space.high.astype(np.float32)
     to_env = lambda a: act_low + (a + 1.0) * 0.5 * (act_high - act_low)  # noqa: E731  [-1, 1] -> the env's box
 
-    # models and optimisers
+    # models and optimisers; every state an update changes lives on the device and is updated in place
     wm = WorldModel(action_dim, args).to(device)
     feat_dim = wm.rssm.feature_dim
     task_ac = ActorCritic(feat_dim, action_dim, args).to(device)
     explore_ac = ActorCritic(feat_dim, action_dim, args).to(device) if args.exploration == "optimistic" else None
-    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, eps=args.adam_eps)  # noqa: E731
+    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, eps=args.adam_eps, capturable=cudagraphs)  # noqa: E731
     model_opt = adam(wm.parameters(), args.model_lr)
     acs = {"task": task_ac} if explore_ac is None else {"explore": explore_ac, "task": task_ac}
     actor_opts = {k: adam(ac.actor.parameters(), args.actor_lr) for k, ac in acs.items()}
@@ -552,6 +631,21 @@ if __name__ == "__main__":
                              "eta": torch.tensor(args.lbsgd_eta, device=device)} for k in acs}
     budget = safety_budget(args.cost_limit, args.episode_length, args.gamma)
     buffer = EpisodeBuffer(args.buffer_capacity, device, seed=args.seed)
+    # the update of each phase: the eager `update` above, or the same function compiled and/or captured as a CUDA
+    # graph; during expansion both actor-critics are trained, afterwards the task one only
+    exploration_end = args.exploration_steps if explore_ac is not None else 0
+    phases = {"explore": acs, "task": {"task": task_ac}} if explore_ac is not None else {"task": acs}
+    updates_of = {phase: speed_up(functools.partial(update, wm, model_opt, phase_acs, actor_opts, critic_opts,
+                                                    constraint_states, args=args, budget=budget),
+                                  compile_update, cudagraphs, name=f"the {phase}-phase update")
+                  for phase, phase_acs in phases.items()}
+    print(f"plan: {args.total_timesteps} env steps on {device}, {args.num_envs} envs "
+          f"({'worker processes' if async_envs else 'in this process'}), update "
+          f"{'compiled' if compile_update else 'eager'}{' + CUDA graph' if cudagraphs else ''}: "
+          f"{min(args.warmup_steps, args.total_timesteps)} random-action warm-up steps; "
+          + (f"expansion (exploration policy acts) until step {min(exploration_end, args.total_timesteps)}, then "
+             if exploration_end > 0 else "") +
+          f"the task policy; {args.train_steps} updates every {args.train_every} env steps", flush=True)
 
     # the start: every env's first row (Dreamer's convention: row t = o_t, a_{t-1}, r_t, c_t)
     obs, _ = envs.reset(seed=args.seed)
@@ -563,18 +657,17 @@ if __name__ == "__main__":
 
     global_step, updates, next_train, next_log = 0, 0, args.warmup_steps, args.log_every
     steps_per_iteration = args.num_envs * args.action_repeat
-    metrics: dict[str, torch.Tensor] = {}
+    updates_per_s = 0.0
     while global_step < args.total_timesteps:
         # ---- act: filter the new observation, then the acting policy of the current phase
-        phase = "explore" if explore_ac is not None and global_step < args.exploration_steps else "task"
-        with torch.no_grad(), autocast():
+        phase = "explore" if global_step < exploration_end else "task"
+        with torch.no_grad():
             embed = wm.encoder(wm.preprocess(torch.as_tensor(obs, device=device)))
             filter_state, _ = wm.rssm.obs_step(filter_state, prev_action, embed)
             if global_step < args.warmup_steps:
                 action = torch.rand(args.num_envs, action_dim, device=device) * 2 - 1
             else:
                 action = acs[phase].actor(RSSM.features(filter_state))
-        action = action.float()
         action_np = action.cpu().numpy()
         next_obs, reward, cost, terminated, truncated, info = envs.step(to_env(action_np))
         global_step += steps_per_iteration
@@ -605,93 +698,25 @@ if __name__ == "__main__":
         if global_step >= next_train and buffer.episodes:
             require_sequences(buffer, args.sequence_length)
             next_train += args.train_every
-            metrics, round_start = {}, time.time()
+            round_start = time.time()
             for _ in range(args.train_steps):
-                batch = buffer.sample(args.batch_size, args.sequence_length)
-                # world model: reconstruction + reward + cost NLL + balanced KL against one random member per step
-                with autocast():
-                    embeds = wm.encoder(wm.preprocess(batch["obs"]))
-                    posts, priors = wm.rssm.observe(embeds, batch["action"])
-                    feats = RSSM.features(posts)
-                    recon = wm.decoder(feats)
-                    heads = wm.heads(feats)
-                image_loss = 0.5 * (recon.float() - wm.preprocess(batch["obs"])).pow(2).sum((-3, -2, -1)).mean()
-                reward_loss = 0.5 * (heads[..., 0].float() - batch["reward"]).pow(2).mean()
-                cost_loss = 0.5 * (heads[..., 1].float() - batch["cost"]).pow(2).mean()
-                kl_loss, kl_value = balanced_kl_loss({k: v.float() for k, v in posts.items()},
-                                                     {k: v.float() for k, v in priors.items()},
-                                                     args.kl_balance, args.free_nats)
-                # eq. world-model loss: -ln p(o|s) - ln p(r|s) - ln p(c|s) + beta KL_balanced(q || p_e), unit variances
-                model_loss = image_loss + reward_loss + cost_loss + args.kl_scale * kl_loss
-                model_opt.zero_grad(set_to_none=True)
-                model_loss.backward()
-                nn.utils.clip_grad_norm_(wm.parameters(), args.grad_clip)
-                model_opt.step()
-
-                # actor-critics in imagination, from every posterior state of the batch
-                start = {k: posts[k].detach().reshape(-1, posts[k].shape[-1]) for k in ("deter", "stoch")}
-                for name, ac in acs.items():
-                    if name == "explore" and phase != "explore":
-                        continue  # after the switch the exploration policy is no longer trained
-                    cs = constraint_states[name]
-                    prefix = "" if name == "task" else "explore_"  # tags of the exploration actor-critic
-                    with autocast():
-                        actor_loss, critic_loss, ac_info = actor_critic_losses(
-                            wm, ac, start, args, intrinsic=(name == "explore"), constraint_state=cs, budget=budget)
-                    actor_opts[name].zero_grad(set_to_none=True)
-                    if args.constraint == "lbsgd":
-                        # LBSGD: the barrier gradient scaled by the adaptive step size relative to the base lr, or
-                        # the backup step when infeasible; chosen on the device (no host sync per update)
-                        params = list(ac.actor.parameters())
-                        grads, scale = lbsgd_gradients(ac_info["barrier_objective"], ac_info["slack"],
-                                                       ac_info["feasible"], params, cs["eta"], args.lbsgd_m0,
-                                                       args.lbsgd_m1, args.actor_lr, args.lbsgd_backup_lr)
-                        for p, gp in zip(params, grads):
-                            p.grad = gp
-                        cs["eta"] = torch.where(ac_info["feasible"], cs["eta"] / (1 + args.lbsgd_eta_rate), cs["eta"])
-                        metrics[f"charts/{prefix}lbsgd_step_scale"] = scale.detach()
-                    else:
-                        actor_loss.backward()
-                    nn.utils.clip_grad_norm_(ac.actor.parameters(), args.grad_clip)
-                    actor_opts[name].step()
-                    critic_opts[name].zero_grad(set_to_none=True)
-                    critic_loss.backward()
-                    nn.utils.clip_grad_norm_([*ac.critic.parameters(), *ac.cost_critic.parameters()], args.grad_clip)
-                    critic_opts[name].step()
-                    if args.constraint == "lagrangian":
-                        cs["lagrange"] = ac_info["new_lagrange"]
-                        cs["penalty"] = update_penalty(cs["penalty"], args.penalty_power_factor)
-                    metrics.update({
-                        f"losses/{prefix}actor_loss": actor_loss.detach(),
-                        f"losses/{prefix}critic_loss": critic_loss.detach(),
-                        f"charts/{prefix}slack": ac_info["slack"].detach(),
-                        f"charts/{prefix}imagined_cost_return": ac_info["cost_return"],
-                        f"charts/{prefix}imagined_cost": ac_info["imagined_cost"],
-                        f"charts/{prefix}uncertainty_mean": ac_info["uncertainty"].mean(),
-                        f"charts/{prefix}uncertainty_max": ac_info["uncertainty"].max(),
-                    })
-                    if args.constraint == "lagrangian":
-                        metrics[f"charts/{prefix}lagrange_multiplier"] = cs["lagrange"]
-                        metrics[f"charts/{prefix}penalty_multiplier"] = cs["penalty"]
-                    elif args.constraint == "lbsgd":
-                        metrics[f"charts/{prefix}barrier_eta"] = cs["eta"]
+                # the next batch is sampled on the host while the device still runs the previous update
+                metrics = updates_of[phase](buffer.sample(args.batch_size, args.sequence_length))
                 updates += 1
             # once per round: NaN guard and logging (the only host syncs of the learning step)
-            check_finite("world-model loss", model_loss)
-            check_finite("actor loss", actor_loss)
-            metrics.update({"losses/model_loss": model_loss.detach(), "losses/image_loss": image_loss.detach(),
-                            "losses/reward_loss": reward_loss.detach(), "losses/cost_loss": cost_loss.detach(),
-                            "losses/kl": kl_value, "charts/real_cost": batch["cost"].mean()})
+            check_finite("world-model loss", metrics["losses/model_loss"])
+            check_finite("actor loss", metrics["losses/actor_loss"])
             for tag, value in metrics.items():
                 logger.scalar(tag, value.item(), global_step)  # .item() syncs, so the round's time is complete
-            logger.scalar("charts/updates_per_s", args.train_steps / (time.time() - round_start), global_step)
+            updates_per_s = args.train_steps / (time.time() - round_start)
+            logger.scalar("charts/updates_per_s", updates_per_s, global_step)
             logger.scalar("charts/updates", updates, global_step)
             logger.scalar("charts/phase", 0.0 if phase == "explore" else 1.0, global_step)
             logger.scalar("charts/safety_budget", budget, global_step)
         if global_step >= next_log or global_step >= args.total_timesteps:
             next_log += args.log_every
             logger.scalar("charts/phase", 0.0 if phase == "explore" else 1.0, global_step)  # 0 expansion, 1 task
-            logger.console(global_step, f"phase={phase} updates={updates}")
+            logger.console(global_step, f"updates/s={updates_per_s:.2f} updates={updates} phase={phase}")
     if args.save_model:
         path = os.path.join(logger.run_dir, f"{args.exp_name}.cleanrl_model")
         torch.save({"world_model": wm.state_dict(), **{f"{k}_actor_critic": ac.state_dict() for k, ac in acs.items()},
@@ -705,10 +730,10 @@ if __name__ == "__main__":
     state = wm.rssm.initial(args.num_envs, device)
     prev = torch.zeros(args.num_envs, action_dim, device=device)
     while len(eval_returns) < args.eval_episodes:
-        with torch.no_grad(), autocast():
+        with torch.no_grad():
             embed = wm.encoder(wm.preprocess(torch.as_tensor(obs, device=device)))
             state, _ = wm.rssm.obs_step(state, prev, embed)
-            prev = task_ac.actor(RSSM.features(state), deterministic=True).float()
+            prev = task_ac.actor(RSSM.features(state), deterministic=True)
         obs, _, _, terminated, truncated, info = envs.step(to_env(prev.cpu().numpy()))
         keep = torch.as_tensor(~np.logical_or(terminated, truncated), device=device, dtype=torch.float32)[:, None]
         state, prev = {k: v * keep for k, v in state.items()}, prev * keep

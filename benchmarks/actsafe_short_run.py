@@ -4,7 +4,7 @@
 
 Runs `actsafe.py` as a user would, with the default RSSM (deter 200, stoch 60, hidden 200, 5 whole-prior members:
 the sizes that set u_t's scale) but smaller conv nets (depth 16) and MLPs (200 units) and a reduced schedule
-(2 envs, 30k env steps, 20 updates every 1k steps on 8 x 32 sequences, expansion phase until 20k), then plots the
+(2 envs, 16k env steps, 10 updates every 1k steps on 8 x 32 sequences, expansion phase until 12k), then plots the
 world-model losses, the imagined epistemic uncertainty under the exploration and the task policy, the training
 episodes' return and cost, and the imagined vs real cost per step into docs/img/actsafe_short_run.png. This is NOT
 a learning benchmark (the paper trains for 5M steps with 100 updates per 1k steps); it shows the mechanics on a
@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import read_scalars, run_dirs  # noqa: E402
 
-SWITCH = 20_000  # the end of the expansion phase
-FLAGS = ["--env-id", "SafetyPointGoal1", "--num-envs", "2", "--total-timesteps", "30000", "--warmup-steps", "2000",
-         "--exploration-steps", str(SWITCH), "--train-every", "1000", "--train-steps", "20", "--batch-size", "8",
+SWITCH = 12_000  # the end of the expansion phase
+FLAGS = ["--env-id", "SafetyPointGoal1", "--num-envs", "2", "--total-timesteps", "16000", "--warmup-steps", "2000",
+         "--exploration-steps", str(SWITCH), "--train-every", "1000", "--train-steps", "10", "--batch-size", "8",
          "--sequence-length", "32", "--cnn-depth", "16", "--head-units", "200", "--actor-units", "200",
          "--critic-units", "200", "--eval-episodes", "1", "--log-every", "2000"]
 

@@ -1,12 +1,22 @@
 """Replay buffers: `ReplayBuffer` for off-policy transitions, `EpisodeBuffer` for world-model sequences.
 
-Both keep numpy arrays on the host and return torch tensors on `device` when sampled.
+Both keep numpy arrays on the host and return torch tensors on `device` when sampled. On a GPU a sampled batch is
+copied through pinned (page-locked) memory with a non-blocking copy, so sampling never waits for the device to finish
+the previous update.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on `device`; to a GPU through pinned memory, without waiting for the device."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class ReplayBuffer:
@@ -47,7 +57,7 @@ class ReplayBuffer:
             raise RuntimeError("cannot sample from an empty ReplayBuffer")
         if indices is None:
             indices = self.rng.integers(0, self.size, size=batch_size)
-        return {k: torch.as_tensor(v[indices], device=self.device) for k, v in self.data.items()}
+        return {k: to_device(v[indices], self.device) for k, v in self.data.items()}
 
 
 class EpisodeBuffer:
@@ -100,4 +110,4 @@ class EpisodeBuffer:
             k: np.stack([self.episodes[e][k][s : s + length] for e, s in zip(ep_idx, starts)])
             for k in self.episodes[0]
         }
-        return {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
+        return {k: to_device(v, self.device) for k, v in batch.items()}

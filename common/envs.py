@@ -338,12 +338,29 @@ class SafeVectorEnv(gym.vector.VectorEnvWrapper):
         return obs, reward, cost, terminated, truncated, info
 
 
-def make_vector_env(env_id: str, num_envs: int, seed: int, **kwargs) -> SafeVectorEnv:
-    """`num_envs` environments in one process, seeded `seed, seed + 1, ...`; reset them with `reset(seed=seed)`."""
+def default_async(num_envs: int) -> bool:
+    """Worker processes pay off when there are cores to run them on: with 4 or more cores and 2 or more envs."""
+    return num_envs > 1 and (os.cpu_count() or 1) >= 4
+
+
+def make_vector_env(env_id: str, num_envs: int, seed: int, asynchronous: bool = False, **kwargs) -> SafeVectorEnv:
+    """`num_envs` environments seeded `seed, seed + 1, ...`; reset them with `reset(seed=seed)`.
+
+    asynchronous=False: all in this process (gymnasium's SyncVectorEnv). True: one worker process each
+    (AsyncVectorEnv), started with "forkserver" (or "spawn" where there is no forkserver), never "fork": each
+    worker builds its environment, and so its OpenGL context, itself (an EGL context does not survive a fork:
+    "Offscreen framebuffer is not complete"). Both give the same observations, rewards and costs for the same
+    seeds and actions.
+    """
     if num_envs <= 0:
         raise ValueError(f"num_envs must be positive, got {num_envs}")
     thunks = [make_env(env_id, seed + i, **kwargs) for i in range(num_envs)]
-    return SafeVectorEnv(gym.vector.SyncVectorEnv(thunks))
+    if not asynchronous:
+        return SafeVectorEnv(gym.vector.SyncVectorEnv(thunks))
+    import multiprocessing
+
+    context = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return SafeVectorEnv(gym.vector.AsyncVectorEnv(thunks, context=context))
 
 
 def finished_episodes(info: dict):
