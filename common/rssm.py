@@ -117,7 +117,8 @@ def balanced_kl_loss(post: dict, prior: dict, balance: float = 0.8, free_nats: f
     """KL balancing (Hafner et al. 2021, DreamerV2): balance * KL(sg(q) || p) + (1 - balance) * KL(q || sg(p)).
 
     Free nats are applied to the batch mean of each term (max(mean KL, free_nats)). Returns (loss, mean KL value).
-    balance = 0.5 is the plain KL(q || p) with free nats (PlaNet / Dreamer v1).
+    (PlaNet / Dreamer v1 use the plain max(KL(q || p), free_nats): `gaussian_kl` directly; balance 0.5 would give the
+    same value but half its gradient.)
     """
     kl_prior = gaussian_kl(post["mean"].detach(), post["std"].detach(), prior["mean"], prior["std"]).mean()
     kl_post = gaussian_kl(post["mean"], post["std"], prior["mean"].detach(), prior["std"].detach()).mean()

@@ -227,3 +227,32 @@ def test_bad_sizes_are_rejected():
         make_vector_env("SafetyPointGoal1", num_envs=0, seed=0)
     with pytest.raises(ValueError, match="must be positive"):
         make_safety_env("SafetyPointGoal1", action_repeat=0)
+
+
+@pytest.mark.parametrize("vision, steps", [(True, 20), (False, 505)])
+def test_async_vector_env_equals_the_sync_one_for_the_same_seeds_and_actions(vision, steps):
+    # worker processes (forkserver/spawn, each building its own GL context) must not change what the agent sees:
+    # pixel observations (a few steps: rendering is slow on a CPU), and on state observations through the end of the
+    # first episodes (500 agent steps): rewards, costs, the auto-reset's final observation and episode statistics
+    def rollout(asynchronous):
+        envs = make_vector_env("SafetyPointGoal1", 2, 3, asynchronous=asynchronous, vision=vision, image_size=16,
+                               action_repeat=2)
+        obs, _ = envs.reset(seed=3)
+        rng = np.random.default_rng(0)
+        out, resets = [obs], 0
+        for _ in range(steps):
+            obs, reward, cost, terminated, truncated, info = envs.step(rng.uniform(-1, 1, (2, 2)))
+            out += [obs, reward, cost, terminated, truncated]
+            if "final_observation" in info:
+                resets += 1
+                out += [np.stack(info["final_observation"][info["_final_observation"]])]
+                out += [[(ep["r"], ep["c"], ep["l"]) for _, ep in finished_episodes(info)]]
+        envs.close()
+        return out, resets
+
+    (sync, sync_resets), (asyn, async_resets) = rollout(False), rollout(True)
+    assert sync_resets == async_resets == (0 if vision else 1)
+    assert len(sync) == len(asyn)
+    for a, b in zip(sync, asyn):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert E.default_async(1) is False
