@@ -31,23 +31,27 @@ class Logger:
     logger.scalar("losses/qf_loss", value, global_step)
     logger.console(global_step)                           # every few thousand steps: step/total, SPS, ETA, return, cost
     logger.restart_clock(step, total)                     # a new stage: SPS and ETA of this stage only
+    state = logger.state_dict(); logger.load_state_dict(state)   # into / out of a checkpoint
+    Logger(run_name, args, resume_step=step)              # a resumed run: same directory, same curves
 
     `charts/cost_rate` (training steps with cost > 0 / steps so far) is written once per console line, not at every
     env step (one event per log interval instead of one per step).
     """
 
     def __init__(self, run_name: str, args=None, root: str = "runs", quiet: bool = False,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, resume_step: int | None = None):
         self.run_dir = os.path.join(root, run_name)
         os.makedirs(self.run_dir, exist_ok=True)
-        self.writer = SummaryWriter(self.run_dir)
-        if args is not None:
+        # resuming: TensorBoard drops what the interrupted writer logged at steps >= resume_step (they are redone),
+        # so the curves continue without a doubled stretch
+        self.writer = SummaryWriter(self.run_dir, purge_step=resume_step)
+        if args is not None and resume_step is None:
             params = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
             table = "\n".join(f"|{k}|{v}|" for k, v in params.items())
             self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
         self.quiet = quiet
         self.total_steps = total_steps if total_steps is not None else getattr(args, "total_timesteps", None)
-        self.start_time, self.start_step = time.time(), 0
+        self.start_time, self.start_step = time.time(), resume_step or 0
         self.steps_seen, self.cost_steps = 0, 0
         self.last_return, self.last_cost = float("nan"), float("nan")
 
@@ -107,6 +111,15 @@ class Logger:
                 line += f" | episodic_return={self.last_return:.2f} episodic_cost={self.last_cost:.2f}"
             print(line, flush=True)
         return sps
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue the cost rate and the console line."""
+        return {"steps_seen": self.steps_seen, "cost_steps": self.cost_steps, "last_return": self.last_return,
+                "last_cost": self.last_cost, "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
 
     def close(self) -> None:
         self.writer.close()

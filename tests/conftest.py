@@ -31,14 +31,17 @@ def run_dirs(cwd: Path) -> list[Path]:
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalars of the TensorBoard event files under `run_dir`: tag -> [(step, value), ...]."""
+    """All scalars of the TensorBoard event files under `run_dir` (a subdirectory's tags prefixed with its path),
+    as TensorBoard shows them: tag -> [(step, value), ...]."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(glob.glob(str(run_dir / "**" / "events.out.tfevents.*"), recursive=True)):
-        acc = EventAccumulator(events, size_guidance={"scalars": 0})
+    event_dirs = sorted({os.path.dirname(p) for p in glob.glob(str(run_dir / "**" / "events.out.tfevents.*"),
+                                                               recursive=True)})
+    for directory in event_dirs:  # one accumulator per directory, as TensorBoard reads a run (a resumed run's purge)
+        acc = EventAccumulator(directory, size_guidance={"scalars": 0})
         acc.Reload()
-        prefix = os.path.relpath(os.path.dirname(events), run_dir)
+        prefix = os.path.relpath(directory, run_dir)
         for tag in acc.Tags()["scalars"]:
             key = tag if prefix == "." else f"{prefix}/{tag}"
             scalars.setdefault(key, []).extend((e.step, e.value) for e in acc.Scalars(tag))

@@ -358,9 +358,13 @@ def tiny_flags(**kw):
 
 def test_smoke_actsafe_crosses_the_phase_switch(tmp_path):
     # 1000 env steps = one Safety-Gym episode; warm-up 250, expansion until 500, then the task policy
-    run_script("actsafe.py", "--env-id", "SafetyPointGoal1", *tiny_flags(
+    proc = run_script("actsafe.py", "--env-id", "SafetyPointGoal1", *tiny_flags(
         total_timesteps=1000, warmup_steps=250, exploration_steps=500, train_every=250, eval_episodes=0), cwd=tmp_path)
     (run,) = run_dirs(tmp_path)
+    # the plan first, then progress lines with the total, updates/s and an ETA, never a nan before the first episode
+    assert "plan: 1000 env steps" in proc.stdout and "expansion (exploration policy acts) until step 500" in proc.stdout
+    assert "global_step=250/1000 (25%)" in proc.stdout and "no episode finished yet" in proc.stdout
+    assert "updates/s=" in proc.stdout and " ETA " in proc.stdout and "nan" not in proc.stdout
     assert run.name.startswith("SafetyPointGoal1-v0__actsafe__1__")
     s = read_scalars(run)
     for tag in ["charts/episodic_return", "charts/episodic_cost", "charts/episodic_length", "charts/cost_rate",
