@@ -48,13 +48,14 @@ if __name__ == "__main__":
     p.add_argument("--starts", type=int, default=128, help="imagination start states per update (the script: 800)")
     p.add_argument("--units", type=int, default=200, help="units of the actor, critics and heads (the script: 400)")
     p.add_argument("--actor-lr", type=float, default=Args.actor_lr)
+    p.add_argument("--critic-lr", type=float, default=Args.critic_lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="PNG of u_t under both actors over the updates")
     cli = p.parse_args()
     torch.set_num_threads(cli.threads)
     args = dataclasses.replace(Args(), actor_units=cli.units, critic_units=cli.units, head_units=cli.units,
-                               actor_lr=cli.actor_lr)
+                               actor_lr=cli.actor_lr, critic_lr=cli.critic_lr)
     torch.manual_seed(cli.seed)
     wm = WorldModel(2, args)
     explore = ActorCritic(wm.rssm.feature_dim, 2, args)
@@ -70,7 +71,7 @@ if __name__ == "__main__":
     held_out = random_starts(512, args, g)
     print(f"python benchmarks/actsafe_optimism.py {' '.join(sys.argv[1:])}")
     print(f"world model: default RSSM, jitter {wm.rssm.init_jitter:.4f}; units {cli.units}, {cli.starts} starts, "
-          f"actor lr {args.actor_lr}", flush=True)
+          f"actor lr {args.actor_lr}, critic lr {args.critic_lr}", flush=True)
     history, t0 = [], time.time()
     for k in range(cli.updates + 1):
         if k % cli.eval_every == 0:
