@@ -112,6 +112,9 @@ class Args:
     """environment steps of the expansion phase (the exploration policy acts), then the task policy acts"""
     exploration_reward_scale: float = 10.0
     """the intrinsic reward is this scale times u_t"""
+    optimism_gradient: bool = False
+    """let the intrinsic reward's gradient flow into the exploration actor (False: stopped, as the authors' code,
+    so that the exploration actor learns where u_t is high only through its critic)"""
     epistemic_scale: float = 1.0
     """s in the exploration reward's u_t = 0.5 log(1 + s * disagreement / aleatoric variance) (the pessimism's u_t
     always uses s = 1, as the authors' code does)"""
@@ -414,8 +417,8 @@ def imagined_rewards_and_costs(wm: WorldModel, traj: dict, args: Args, intrinsic
     u_pessimism = u if args.epistemic_scale == 1.0 else epistemic_uncertainty(ens_mean, ens_std)
     cost = pessimistic_cost(ens_costs, u_pessimism, args.pessimism)
     if intrinsic:
-        # eq. optimism: r_explore = scale * u_t (gradient stopped, as in the authors' code)
-        reward = args.exploration_reward_scale * u.detach()
+        # eq. optimism: r_explore = scale * u_t (gradient stopped by default, as in the authors' code)
+        reward = args.exploration_reward_scale * (u if args.optimism_gradient else u.detach())
     else:
         reward = ens_rewards.mean(0)
     return {"reward": reward, "cost": cost, "uncertainty": u.detach(), "model_cost": ens_costs.mean(0).detach()}

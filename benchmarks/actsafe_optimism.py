@@ -49,13 +49,15 @@ if __name__ == "__main__":
     p.add_argument("--units", type=int, default=200, help="units of the actor, critics and heads (the script: 400)")
     p.add_argument("--actor-lr", type=float, default=Args.actor_lr)
     p.add_argument("--critic-lr", type=float, default=Args.critic_lr)
+    p.add_argument("--optimism-gradient", action="store_true", help="actsafe.py's --optimism-gradient")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="PNG of u_t under both actors over the updates")
     cli = p.parse_args()
     torch.set_num_threads(cli.threads)
     args = dataclasses.replace(Args(), actor_units=cli.units, critic_units=cli.units, head_units=cli.units,
-                               actor_lr=cli.actor_lr, critic_lr=cli.critic_lr)
+                               actor_lr=cli.actor_lr, critic_lr=cli.critic_lr,
+                               optimism_gradient=cli.optimism_gradient)
     torch.manual_seed(cli.seed)
     wm = WorldModel(2, args)
     explore = ActorCritic(wm.rssm.feature_dim, 2, args)
@@ -71,7 +73,8 @@ if __name__ == "__main__":
     held_out = random_starts(512, args, g)
     print(f"python benchmarks/actsafe_optimism.py {' '.join(sys.argv[1:])}")
     print(f"world model: default RSSM, jitter {wm.rssm.init_jitter:.4f}; units {cli.units}, {cli.starts} starts, "
-          f"actor lr {args.actor_lr}, critic lr {args.critic_lr}", flush=True)
+          f"actor lr {args.actor_lr}, critic lr {args.critic_lr}, optimism gradient {args.optimism_gradient}",
+          flush=True)
     history, t0 = [], time.time()
     for k in range(cli.updates + 1):
         if k % cli.eval_every == 0:
