@@ -270,11 +270,15 @@ def make_safety_env(
     image_size: int = 64,
     action_repeat: int = 1,
     drop_obs_keys: Sequence[str] = (),
+    render_mode: str | None = None,
+    render_size: int = 256,
 ) -> gym.Env:
     """One Safety-Gymnasium environment with the gymnasium API, `info["cost"]` and episode statistics.
 
     vision: pixels from the robot's `vision` camera, (3, image_size, image_size) uint8; None = as the id says.
     drop_obs_keys: state observation keys to remove from the flat vector (state tasks only).
+    render_mode: "rgb_array" makes `env.render()` return a (render_size, render_size, 3) uint8 frame (state tasks:
+    Safety-Gymnasium refuses `render()` on Vision tasks, whose observations are the frames).
     """
     if image_size <= 0 or action_repeat <= 0:
         raise ValueError(f"image_size and action_repeat must be positive, got {image_size}, {action_repeat}")
@@ -290,7 +294,11 @@ def make_safety_env(
         # A config passed to make() REPLACES the registered one, so it names the robot again.
         config = {"agent_name": robot.group(1), "observe_vision": True, "observation_flatten": False,
                   "vision_env_conf.vision_size": (image_size, image_size)}
+        if render_mode is not None:
+            raise ValueError("Vision tasks cannot render(): their observations are the frames (record those)")
         env = sg.make(registered_id, config=config)
+    elif render_mode is not None:
+        env = sg.make(registered_id, render_mode=render_mode, width=render_size, height=render_size)
     else:
         env = sg.make(registered_id)
     env = CostInInfo(env)
