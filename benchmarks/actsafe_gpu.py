@@ -184,7 +184,13 @@ if __name__ == "__main__":
                 fn = torch.compile(fn)
             if mode == "compiled+cudagraph":
                 fn = CudaGraphUpdate(fn, warmup=2, name=name)
-            first, median = time_calls(fn, batch, device, cli.repeats)
+            try:
+                first, median = time_calls(fn, batch, device, cli.repeats)
+            except Exception as e:  # one failing mode (e.g. a compiler error) must not lose the other rows
+                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                rows.append(f"| {name} | {mode} | failed: {reason} | - |")
+                print(rows[-1], flush=True)
+                continue
             rows.append(f"| {name} | {mode} | {1000 * median:.1f} | {first:.1f} |")
             print(rows[-1], flush=True)
             if name.startswith("full"):
