@@ -1,8 +1,9 @@
 """Benchmark: the wall-time cost of AnoSeqs' per-step scoring relative to a plain TD3 step, measured side by side.
 
 Times, interleaved in one process (so that the load of a shared machine hits all of them alike):
-  scoring  = roll the per-env windows, score them with the detector, shape the reward, reset finished windows
-             (exactly the stage-3 code path of anoseqs.py, with a freshly initialised detector of the given size);
+  scoring  = `WindowScorer.step` of anoseqs.py (roll the ring of windows, score them, shape the reward, reset
+             finished windows) with a freshly initialised detector of the default size, plus the read-back of the
+             shaped reward;
   td3      = one TD3 gradient step (both critics; the actor and targets every 2nd step) on a filled replay buffer;
   env      = one vector-env step of the task with random actions.
 Overhead = scoring / (td3 + env), the fraction by which AnoSeqs slows a TD3 step.
@@ -46,7 +47,7 @@ def main() -> None:
     W = args.window_length
     detector = anoseqs.TransformerAutoencoder(D, W, args.detector_d_model, args.detector_heads, args.detector_layers,
                                               args.detector_latent_dim).eval()
-    windows = torch.as_tensor(obs, dtype=torch.float32)[:, None].repeat(1, W, 1)
+    scorer = anoseqs.WindowScorer(detector, 0.1, obs, 1.0, "proportional", torch.device("cpu"), a.steps * a.num_envs)
     low, high = -torch.ones(A), torch.ones(A)
     actor = anoseqs.Actor(D, A, a.hidden_size, -np.ones(A), np.ones(A))
     actor_t = anoseqs.Actor(D, A, a.hidden_size, -np.ones(A), np.ones(A))
@@ -54,6 +55,8 @@ def main() -> None:
     qf1_t, qf2_t = anoseqs.QNetwork(D, A, a.hidden_size), anoseqs.QNetwork(D, A, a.hidden_size)
     q_opt = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=3e-4)
     a_opt = torch.optim.Adam(actor.parameters(), lr=3e-4)
+    online_params = [p_ for net in (actor, qf1, qf2) for p_ in net.parameters()]
+    target_params = [p_ for net in (actor_t, qf1_t, qf2_t) for p_ in net.parameters()]
     rb = {"obs": torch.randn(10_000, D), "action": torch.rand(10_000, A) * 2 - 1, "reward": torch.randn(10_000),
           "next_obs": torch.randn(10_000, D), "done": torch.zeros(10_000)}
     times = {"scoring": [], "td3": [], "env": []}
@@ -61,13 +64,8 @@ def main() -> None:
         t0 = time.perf_counter()
         next_obs, rewards, costs, term, trunc, info = envs.step(envs.action_space.sample())
         t1 = time.perf_counter()
-        with torch.inference_mode():  # the stage-3 scoring path of anoseqs.run_td3
-            nxt = torch.as_tensor(next_obs, dtype=torch.float32)
-            windows = torch.cat([windows[:, 1:], nxt[:, None]], 1)
-            score = anoseqs.anomaly_score(detector, windows)
-            r = anoseqs.shaped_reward(torch.as_tensor(rewards, dtype=torch.float32), score, 0.1, 1.0, "proportional")
-            done = torch.as_tensor(np.logical_or(term, trunc))
-            windows = torch.where(done[:, None, None], nxt[:, None].expand_as(windows), windows)
+        done = np.logical_or(term, trunc)
+        r = scorer.step(rewards, next_obs, next_obs, done)  # the stage-3 scoring path of anoseqs.run_td3
         r.numpy()
         t2 = time.perf_counter()
         idx = torch.randint(10_000, (a.batch_size,))
@@ -84,10 +82,8 @@ def main() -> None:
             a_opt.zero_grad()
             actor_loss.backward()
             a_opt.step()
-            with torch.no_grad():
-                for net, tgt in ((actor, actor_t), (qf1, qf1_t), (qf2, qf2_t)):
-                    for p_, tp in zip(net.parameters(), tgt.parameters()):
-                        tp.mul_(0.995).add_(0.005 * p_)
+            with torch.no_grad():  # Polyak averaging as in anoseqs.run_td3
+                torch._foreach_lerp_(target_params, online_params, 0.005)
         t3 = time.perf_counter()
         if step >= 50:  # warm-up excluded
             times["env"].append(t1 - t0)
