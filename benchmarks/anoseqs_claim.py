@@ -8,7 +8,7 @@ One source run (stage 1, source seed 10001) and one detector (stage 2) serve eve
 is evaluated only. Every run's wall and CPU time is recorded (the CPU budget of a shared machine).
 
     nice -n 10 python benchmarks/anoseqs_claim.py --phase source          # stage 1 + 2, the detector table
-    nice -n 10 python benchmarks/anoseqs_claim.py --phase target          # 4 methods x seeds (resumes)
+    nice -n 10 python benchmarks/anoseqs_claim.py --phase target          # 5 methods x seeds (resumes)
     python benchmarks/anoseqs_claim.py --report-only                      # table + docs/img/anoseqs_claim*.png
 
 Writes docs/img/anoseqs_claim.png, docs/img/anoseqs_detector_scores.png and prints markdown tables.

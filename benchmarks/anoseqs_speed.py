@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--learning-starts", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--variants", nargs="+", default=["cleanrl", "cleanrl-1-thread", "anoseqs", "td3"])
     p.add_argument("--workdir", default="/tmp/bench_anoseqs_speed")
     a = p.parse_args()
     work = Path(a.workdir)
@@ -57,6 +58,7 @@ def main() -> None:
         "anoseqs": (ours + ["--stage", "3", "--source-run", str(Path(a.source_run).resolve())], {}, str(work)),
         "td3": (ours + ["--method", "td3"], {}, str(work)),
     }
+    variants = {k: v for k, v in variants.items() if k in a.variants}
     results = {k: [] for k in variants}
     for r in range(a.rounds):
         for name, (cmd, env, cwd) in variants.items():
@@ -79,8 +81,10 @@ def main() -> None:
     for name, res in results.items():
         sps, cpu = [r[0] for r in res], [r[1] for r in res]
         print(f"| {name} | {', '.join(map(str, sps))} | {np.mean(sps):.0f} | {np.mean(cpu):.0f} |")
-    ratio = [o[0] / c[0] for o, c in zip(results["anoseqs"], results["cleanrl"])]
-    print(f"anoseqs / cleanrl SPS per round: {', '.join(f'{x:.2f}' for x in ratio)}")
+    for ref in ("cleanrl", "cleanrl-1-thread"):
+        if "anoseqs" in results and ref in results:
+            ratio = [o[0] / c[0] for o, c in zip(results["anoseqs"], results[ref])]
+            print(f"anoseqs / {ref} SPS per round: {', '.join(f'{x:.2f}' for x in ratio)}")
 
 
 if __name__ == "__main__":
