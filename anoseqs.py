@@ -765,7 +765,7 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
         qc_limit = args.cost_limit * (1 - args.gamma ** max_ep_len) / (1 - args.gamma) / max_ep_len
     online_params = [p for net, _ in pairs for p in net.parameters()]
     target_params = [p for _, target in pairs for p in target.parameters()]
-    # foreach: Adam's multi-tensor implementation (the default on a GPU; on the CPU about 15% faster per update here)
+    # foreach: Adam's multi-tensor implementation, the default on a GPU (on this CPU: within noise, docs/anoseqs.md)
     q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, foreach=True)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, foreach=True)
     action_scale = actor.action_scale
