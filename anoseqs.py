@@ -7,42 +7,47 @@ detail below that the summary does not fix is a documented choice.
 Idea. (1) A TD3 agent is trained in a SOURCE environment where entering unsafe states costs nothing real;
 the cost is only used to label which state sequences stayed safe. (2) A transformer autoencoder learns to
 reconstruct the safe windows of W consecutive observations; its mean absolute reconstruction error is the
-anomaly score, and a threshold tau is a high percentile of the scores of held-out safe windows.
+anomaly score, and the anomaly threshold is a high percentile of the scores of held-out safe windows.
 (3) A fresh TD3 agent is trained in the safety-critical TARGET environment on a reward penalised by the
 detector when the current window looks anomalous; the target's true cost is never shown to the agent,
-only logged. Baselines in this file: plain TD3 (`--penalty-coef 0`) and TD3-Lagrangian on the true cost
-(`--lagrangian`).
+only logged. Baselines in this file (`--method`): plain TD3, TD3-Lagrangian on the true cost, and oracle
+shaping r - lambda c with the true cost; `--detector nearest-neighbour` swaps the autoencoder for a
+1-nearest-neighbour novelty score on the same windows (the detector's quality apart from the shaping).
 
 Paper -> code
-- stage 1, safe state sequences from the source     -> `run_td3(..., record=True)`, `label_windows()`
+- stage 1, safe state sequences from the source     -> `run_td3(..., record=True)`, `SourceRecorder`, `label_windows()`
 - stage 2, transformer autoencoder, MAE score       -> `TransformerAutoencoder`, `anomaly_score()`, `train_detector()`
-- threshold from held-out safe windows              -> `percentile_threshold()`
-- reward adjusted by the risk, r' = r - lambda s 1[s > tau] -> `shaped_reward()` (binary form: `--penalty-form binary`)
-- stage 3, risk-averse TD3 in the target            -> `run_td3(..., detector=...)`
-- detector quality on held-out data (ROC AUC)       -> `roc_auc()`
+- threshold from held-out safe windows              -> `percentile_threshold()`, `detector_splits()`
+- reward adjusted by the risk, r' = r - lambda s 1[s > threshold] -> `shaped_reward()` (`--penalty-form binary`)
+- stage 3, risk-averse TD3 in the target            -> `run_td3(..., detector=...)`, `WindowScorer`
+- detector quality on held-out episodes (ROC AUC)   -> `roc_auc()`, `evaluate_detector()`
 - TD3 (Fujimoto et al. 2018), SafeRL-Kit defaults   -> `Actor`, `QNetwork`, the update block in `run_td3`
-- TD3-Lag baseline (SafeRL-Kit)                     -> the `lagrangian` branches in `run_td3`
+- baselines: TD3-Lag, oracle shaping (SafeRL-Kit)   -> `--method td3-lag`, `--method oracle-shaping`
 
-Documented choices and deviations (details and reasons in docs/anoseqs.md)
+Documented choices and deviations (the table in docs/anoseqs.md gives each with its reason)
 - Source/target pair: by default the source is a separate instance of the target task (`--source-env-id`
-  empty); its cost only labels windows. A level-0 source (e.g. SafetyPointCircle0) has no cost signal at all,
-  so every window would be "safe" and no ROC AUC could be computed; it still works via `--source-env-id`.
-- Window: W = 10 consecutive observations ending at every step (stride 1), all features of the flat
-  observation, windows never cross an episode boundary; the first W - 1 steps of an episode are padded on the
-  left with the episode's first observation, so the target agent gets a score from its first step on.
-  A window is unsafe if any of its steps has cost > 0 or is a termination (the episode ended early).
-  Min-max normalisation with statistics of the training safe windows.
-- Detector: a plain transformer autoencoder with a bottleneck (encoder -> flattened -> latent vector ->
-  decoder of self-attention blocks), not TranAD's two-decoder adversarial scheme: a bottleneck is what
-  stops the autoencoder from learning the identity and so reconstructing anomalies too.
-- The score of the window ending at s_{t+1} shapes the reward r_t of the transition s_t -> s_{t+1}
-  (Safety-Gymnasium's cost c_t is also a property of s_{t+1}).
+  empty); its cost only labels windows. A level-0 task has no cost, so it cannot label windows.
+- Window: W = 10 consecutive observations ending at every step, all features of the flat observation, never
+  crossing an episode boundary, the first W - 1 left-padded with the episode's first observation. A window is
+  unsafe if any of its steps has cost > 0 or is a termination. Min-max normalisation (safe training windows).
+- Source data: windows holding a step of the uniformly random warm-up are kept out of the detector's training
+  and threshold by default (`--detector-windows all` keeps them; the paper does not say).
+- Detector quality: ROC AUC on HELD-OUT episodes for both classes (safe and unsafe windows of episodes the
+  detector never saw), reported for policy windows and with the warm-up windows, side by side; a warning
+  before stage 3 when it is below 0.5 (such a detector penalises safe behaviour more than unsafe behaviour).
+- Detector: a plain transformer autoencoder with a bottleneck, not TranAD's two-decoder adversarial scheme.
+  Score of the whole window by default (`--score-on last`: of its last state, as TranAD).
+- The score of the window ending at s_{t+1} shapes the reward r_t of the transition s_t -> s_{t+1}.
 - TD3's delayed policy update counts critic updates (SafeRL-Kit's plain TD3 updated the actor every step).
+- The action of the next step is chosen right after the env step, before this step's gradient update, so
+  that it comes back from the device in one copy with the shaped reward (one sync per step, as CleanRL): the
+  behaviour policy is one gradient step older than in CleanRL.
 - With `--num-envs N > 1`, one gradient step per vector step (update-to-data ratio 1/N).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -86,6 +91,8 @@ class Args:
     # Algorithm specific arguments
     env_id: str = "SafetyAntRun0"
     """the safety-critical TARGET environment (Safety-Gymnasium id)"""
+    method: str = "anoseqs"
+    """anoseqs (the paper); baselines without a detector: td3, td3-lag (true cost), oracle-shaping (r - lambda c)"""
     source_env_id: str = ""
     """the SOURCE environment of stage 1 (empty: a separate instance of `env_id`)"""
     stage: str = "all"
@@ -123,7 +130,13 @@ class Args:
     policy_frequency: int = 2
     """critic updates per delayed actor and target-network update"""
 
-    # AnoSeqs: safe windows and the transformer autoencoder (stage 2)
+    # AnoSeqs: safe windows and the detector (stage 2)
+    detector: str = "autoencoder"
+    """autoencoder (the paper's transformer autoencoder) or nearest-neighbour (baseline: distance to the nearest safe training window)"""
+    detector_windows: str = "policy"
+    """safe source windows that train the detector and set its threshold: policy (no random warm-up step in them) or all"""
+    score_on: str = "window"
+    """window: score of the whole window (mean over its W steps); last: of its last state only (TranAD)"""
     window_length: int = 10
     """W, the number of consecutive observations in a state window"""
     window_stride: int = 1
@@ -144,76 +157,80 @@ class Args:
     """windows per gradient step of the detector"""
     detector_lr: float = 1e-3
     """learning rate of the detector (Adam)"""
+    nn_max_windows: int = 20_000
+    """nearest-neighbour score: at most this many safe training windows (a random subset) are compared against"""
     threshold_percentile: float = 99.0
-    """tau = this percentile of the anomaly scores of held-out safe windows"""
+    """anomaly threshold = this percentile of the anomaly scores of held-out safe windows"""
 
     # AnoSeqs: reward shaping (stage 3)
     penalty_coef: float = 1.0
-    """lambda in r' = r - lambda * score * 1[score > tau]; 0 gives plain TD3"""
+    """lambda in r' = r - lambda * score * 1[score > threshold]"""
     penalty_form: str = "proportional"
-    """proportional: r - lambda * score * 1[score > tau]; binary: r - lambda * 1[score > tau]"""
+    """proportional: r - lambda * score * 1[score > threshold]; binary: r - lambda * 1[score > threshold]"""
 
-    # TD3-Lagrangian baseline (true cost, no detector)
-    lagrangian: bool = False
-    """if toggled, stage 3 is TD3-Lag on the target's true cost instead of AnoSeqs (needs --penalty-coef 0)"""
+    # Baselines on the true cost (no detector)
+    cost_penalty_coef: float = 0.5
+    """oracle-shaping: lambda in r - lambda * c with the target's true cost (SafeRL-Kit's reward shaping: 0.5)"""
     cost_limit: float = 25.0
-    """TD3-Lag: allowed expected episodic cost d"""
+    """td3-lag: allowed expected episodic cost d"""
     lagrange_lr: float = 1e-3
-    """TD3-Lag: step size of the multiplier's projected gradient ascent"""
+    """td3-lag: step size of the multiplier's projected gradient ascent"""
     lagrange_init: float = 0.0
-    """TD3-Lag: initial Lagrange multiplier"""
+    """td3-lag: initial Lagrange multiplier"""
 
     # Logging and evaluation
     log_every: int = 2_000
-    """environment steps between console lines, histograms and the periodic scalars"""
+    """environment steps between console lines, histograms and the periodic scalars (and the NaN check)"""
     eval_episodes: int = 5
     """deterministic evaluation episodes at the end of stage 3 (raw return and cost); 0 to skip"""
 
 
 STAGES = ("all", "1", "2", "3")
+METHODS = ("anoseqs", "td3", "td3-lag", "oracle-shaping")
+DETECTORS = ("autoencoder", "nearest-neighbour")
+DETECTOR_WINDOWS = ("policy", "all")
+SCORE_ON = ("window", "last")
 PENALTY_FORMS = ("proportional", "binary")
 
 
 def check_args(args: Args) -> None:
     """Reject bad input with a message naming the flag and what is accepted."""
     check_choice(args, "stage", STAGES)
+    check_choice(args, "method", METHODS)
+    check_choice(args, "detector", DETECTORS)
+    check_choice(args, "detector_windows", DETECTOR_WINDOWS)
+    check_choice(args, "score_on", SCORE_ON)
     check_choice(args, "penalty_form", PENALTY_FORMS)
     check_positive(args, "source_timesteps", "total_timesteps", "num_envs", "buffer_size", "batch_size",
                    "learning_rate", "hidden_size", "policy_frequency", "window_length", "window_stride",
                    "detector_d_model", "detector_heads", "detector_layers", "detector_latent_dim",
-                   "detector_steps", "detector_batch_size", "detector_lr", "log_every", "cost_limit", "lagrange_lr")
+                   "detector_steps", "detector_batch_size", "detector_lr", "nn_max_windows", "log_every",
+                   "cost_limit", "lagrange_lr")
     if args.learning_starts < 0 or args.eval_episodes < 0 or args.torch_threads < 0 or args.lagrange_init < 0:
         raise SystemExit("error: --learning-starts, --eval-episodes, --torch-threads and --lagrange-init must be >= 0")
-    for name in ("exploration_noise", "policy_noise", "noise_clip"):
+    for name in ("exploration_noise", "policy_noise", "noise_clip", "penalty_coef", "cost_penalty_coef"):
         if getattr(args, name) < 0:  # a negative clip makes clamp(-c, c) return the constant -c: a silent wrong run
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0 (0 = no noise), "
-                             f"got {getattr(args, name)}")
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 < args.holdout_fraction < 1.0:
         raise SystemExit(f"error: --holdout-fraction must be in (0, 1), got {args.holdout_fraction}")
     if not 0.0 < args.threshold_percentile <= 100.0:
         raise SystemExit(f"error: --threshold-percentile must be in (0, 100], got {args.threshold_percentile}")
-    if args.penalty_coef < 0:
-        raise SystemExit(f"error: --penalty-coef must be >= 0 (0 = plain TD3), got {args.penalty_coef}")
     if not 0.0 < args.gamma < 1.0 or not 0.0 < args.tau <= 1.0:
         raise SystemExit(f"error: --gamma must be in (0, 1) and --tau in (0, 1]; got {args.gamma}, {args.tau}")
     if args.detector_d_model % args.detector_heads:
         raise SystemExit(f"error: --detector-d-model ({args.detector_d_model}) must be divisible by "
                          f"--detector-heads ({args.detector_heads})")
-    if args.lagrangian and args.penalty_coef > 0:
-        raise SystemExit("error: --lagrangian is the TD3-Lag baseline on the true cost; it does not use the detector, "
-                         "so pass --penalty-coef 0 with it")
-    baseline = args.lagrangian or args.penalty_coef == 0
-    if args.stage in ("1", "2") and baseline:
-        raise SystemExit(f"error: --stage {args.stage} builds the detector, which the baselines (--penalty-coef 0, "
-                         "--lagrangian) do not use; drop --stage or give --penalty-coef > 0")
+    if args.method != "anoseqs" and args.stage in ("1", "2"):
+        raise SystemExit(f"error: --stage {args.stage} builds the detector, which --method {args.method} does not use; "
+                         "drop --stage or use --method anoseqs")
     if args.stage == "2" and not args.source_run:
         raise SystemExit("error: --stage 2 trains the detector on the source data of an earlier run: "
                          "give --source-run runs/<run with stage 1>")
-    if args.stage == "3" and not baseline and not args.source_run:
-        raise SystemExit("error: --stage 3 with --penalty-coef > 0 needs a trained detector: "
+    if args.stage == "3" and args.method == "anoseqs" and not args.source_run:
+        raise SystemExit("error: --stage 3 with --method anoseqs needs a trained detector: "
                          "give --source-run runs/<run with stage 2>")
     for name, file in (("2", "source_data.npz"), ("3", "detector.pt")):
-        if args.stage == name and args.source_run and not (args.stage == "3" and baseline):
+        if args.stage == name and args.source_run and args.method == "anoseqs":
             if not os.path.isfile(os.path.join(args.source_run, file)):
                 raise SystemExit(f"error: --source-run {args.source_run!r} holds no {file}; stage {name} needs the "
                                  f"output of stage {int(name) - 1} (run --stage all, or --stage {int(name) - 1})")
@@ -247,8 +264,67 @@ class Actor(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Stage 1 -> 2: safe windows from the source episodes
+# Stage 1: the source recorder, and the safe windows of stage 2
 # --------------------------------------------------------------------------------------------------
+
+
+class SourceRecorder:
+    """Stage 1: every observation of the source agent, episode by episode, as rows (obs, cost, terminal, warm-up).
+
+    Row t of an episode holds s_t and the cost and termination of the step that produced s_t (row 0: the reset
+    observation, cost 0), so a row's cost belongs to its own observation. `warmup` marks rows recorded during the
+    uniformly random warm-up. The rows of parallel envs interleave; `data()` orders them episode by episode.
+    """
+
+    def __init__(self, first_obs: np.ndarray, warmup: bool, capacity: int = 1024):
+        n, d = first_obs.shape
+        self.obs = np.zeros((capacity, d), np.float32)
+        self.cost, self.terminal = np.zeros(capacity, np.float32), np.zeros(capacity, bool)
+        self.warmup, self.episode = np.zeros(capacity, bool), np.zeros(capacity, np.int64)
+        self.size = 0
+        self.env_episode = np.arange(n)  # the episode each env is in
+        self.next_episode = n
+        self._append(first_obs, np.zeros(n), np.zeros(n, bool), warmup, self.env_episode)
+
+    def _append(self, obs, cost, terminal, warmup: bool, episode) -> None:
+        k = len(obs)
+        if self.size + k > len(self.obs):  # grow by doubling
+            new = max(2 * len(self.obs), self.size + k)
+            for name in ("obs", "cost", "terminal", "warmup", "episode"):
+                old = getattr(self, name)
+                grown = np.zeros((new, *old.shape[1:]), old.dtype)
+                grown[: self.size] = old[: self.size]
+                setattr(self, name, grown)
+        rows = slice(self.size, self.size + k)
+        self.obs[rows], self.cost[rows], self.terminal[rows] = obs, cost, terminal
+        self.warmup[rows], self.episode[rows] = warmup, episode
+        self.size += k
+
+    def add(self, real_next_obs: np.ndarray, costs: np.ndarray, terminations: np.ndarray, dones: np.ndarray,
+            next_obs: np.ndarray, warmup: bool) -> None:
+        """One vector step: s_{t+1} (the true final observation at an auto-reset) with its cost; new episodes' s_0."""
+        self._append(real_next_obs, costs, terminations, warmup, self.env_episode)
+        if dones.any():
+            self.env_episode[dones] = self.next_episode + np.arange(dones.sum())
+            self.next_episode += int(dones.sum())
+            self._append(next_obs[dones], np.zeros(dones.sum()), np.zeros(dones.sum(), bool), warmup,
+                         self.env_episode[dones])
+
+    def data(self) -> dict[str, np.ndarray]:
+        """Rows ordered episode by episode, with `episode_start` (the row where each row's episode starts).
+
+        Episodes of one row (a reset observation when the budget ended) are dropped; unfinished ones are kept.
+        """
+        n = self.size
+        order = np.argsort(self.episode[:n], kind="stable")
+        episode = self.episode[:n][order]
+        _, counts = np.unique(episode, return_counts=True)
+        keep = np.repeat(counts > 1, counts)
+        order = order[keep]
+        lengths = counts[counts > 1]
+        return {"obs": self.obs[order], "cost": self.cost[order], "terminal": self.terminal[order],
+                "warmup": self.warmup[order], "episode_start": np.repeat(np.cumsum([0, *lengths[:-1]]), lengths)
+                if len(lengths) else np.zeros(0, np.int64)}
 
 
 def window_indices(episode_start: np.ndarray, ends: np.ndarray, window: int) -> np.ndarray:
@@ -260,20 +336,23 @@ def window_indices(episode_start: np.ndarray, ends: np.ndarray, window: int) -> 
     return np.maximum(idx, episode_start[ends][:, None])
 
 
+def any_in_window(flag: np.ndarray, episode_start: np.ndarray, ends: np.ndarray, window: int) -> np.ndarray:
+    """For each window ending at a row of `ends`: does any of its rows (within its episode) have `flag`?"""
+    count = np.concatenate([[0], np.cumsum(flag)])  # count[k] = flagged rows among rows < k
+    first = np.maximum(ends - window + 1, episode_start[ends])
+    return (count[ends + 1] - count[first]) > 0
+
+
 def label_windows(cost: np.ndarray, terminal: np.ndarray, episode_start: np.ndarray, window: int,
                   stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Windows of the source data: (end rows, safe flags).
 
-    Row t of an episode holds the observation s_t and the cost/termination of the step that produced it
-    (row 0: the reset observation, cost 0). One window ends at every `stride`-th row of each episode; a window
-    is safe iff none of its rows has cost > 0 or is a termination (the episode ended early).
+    One window ends at every `stride`-th row of each episode (counted from its start); a window is safe iff none
+    of its rows has cost > 0 or is a termination (the episode ended early).
     """
     rows = np.arange(len(cost))
     ends = rows[(rows - episode_start) % stride == 0]
-    bad = np.concatenate([[0], np.cumsum((cost > 0) | terminal)])  # bad[k] = unsafe rows among rows < k
-    first = np.maximum(ends - window + 1, episode_start[ends])
-    safe = (bad[ends + 1] - bad[first]) == 0
-    return ends, safe
+    return ends, ~any_in_window((cost > 0) | terminal, episode_start, ends, window)
 
 
 def split_episodes(episode_start: np.ndarray, ends: np.ndarray, fraction: float,
@@ -288,8 +367,29 @@ def split_episodes(episode_start: np.ndarray, ends: np.ndarray, fraction: float,
     return np.isin(episode_start[ends], held)
 
 
+def detector_splits(data: dict, window: int, stride: int, holdout_fraction: float, keep_warmup: bool,
+                    rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """End rows of the windows stage 2 uses, split by whole episodes (training / held out).
+
+    train:      safe windows of training episodes, every `stride`-th (the detector is fitted on them)
+    threshold:  safe windows of held-out episodes (the anomaly threshold is a percentile of their scores)
+    safe_policy / unsafe_policy: the ROC AUC's negatives / positives, held-out episodes, no warm-up row in them
+    safe_all / unsafe_all:       the same with the warm-up windows
+    Without `keep_warmup`, windows holding a row of the random warm-up are kept out of `train` and `threshold`.
+    """
+    start = data["episode_start"]
+    ends, safe = label_windows(data["cost"], data["terminal"], start, window)
+    warm = any_in_window(data["warmup"], start, ends, window)
+    held = split_episodes(start, ends, holdout_fraction, rng)
+    on_stride = (ends - start[ends]) % stride == 0
+    usable = np.ones_like(warm) if keep_warmup else ~warm
+    return {"train": ends[safe & ~held & usable & on_stride], "threshold": ends[safe & held & usable],
+            "safe_policy": ends[safe & held & ~warm], "unsafe_policy": ends[~safe & held & ~warm],
+            "safe_all": ends[safe & held], "unsafe_all": ends[~safe & held]}
+
+
 # --------------------------------------------------------------------------------------------------
-# Stage 2: the transformer autoencoder and its threshold
+# Stage 2: the detectors and their threshold
 # --------------------------------------------------------------------------------------------------
 
 
@@ -301,9 +401,9 @@ class TransformerAutoencoder(nn.Module):
     """
 
     def __init__(self, obs_dim: int, window: int, d_model: int, heads: int, layers: int, latent_dim: int,
-                 lo: np.ndarray | None = None, scale: np.ndarray | None = None):
+                 lo: np.ndarray | None = None, scale: np.ndarray | None = None, score_on: str = "window"):
         super().__init__()
-        self.window, self.d_model = window, d_model
+        self.window, self.d_model, self.score_on = window, d_model, score_on
         self.register_buffer("lo", torch.zeros(obs_dim) if lo is None else torch.as_tensor(lo, dtype=torch.float32))
         self.register_buffer("scale", torch.ones(obs_dim) if scale is None else torch.as_tensor(scale, dtype=torch.float32))
         self.embed = nn.Linear(obs_dim, d_model)
@@ -320,6 +420,10 @@ class TransformerAutoencoder(nn.Module):
         self.from_latent = nn.Linear(latent_dim, window * d_model)
         self.out = nn.Linear(d_model, obs_dim)
 
+    @property
+    def obs_dim(self) -> int:
+        return self.lo.shape[0]
+
     def normalize(self, windows: torch.Tensor) -> torch.Tensor:
         return (windows - self.lo) / self.scale
 
@@ -330,11 +434,43 @@ class TransformerAutoencoder(nn.Module):
         h = self.from_latent(z).view(-1, self.window, self.d_model) + self.dec_pos
         return self.out(self.decoder(h))
 
+    def score(self, windows: torch.Tensor) -> torch.Tensor:
+        return anomaly_score(self, windows, self.score_on)
 
-def anomaly_score(model: TransformerAutoencoder, windows: torch.Tensor) -> torch.Tensor:
-    """Raw windows (B, W, D) -> anomaly scores (B,)."""
+
+def anomaly_score(model: TransformerAutoencoder, windows: torch.Tensor, score_on: str = "window") -> torch.Tensor:
+    """Raw windows (B, W, D) -> anomaly scores (B,): the mean absolute reconstruction error."""
     x = model.normalize(windows)
-    return (model(x) - x).abs().mean(dim=(1, 2))  # eq. MAE: score = mean_{t,d} |x_{t,d} - x_hat_{t,d}|
+    error = (model(x) - x).abs().mean(-1)  # (B, W): mean over the features of each step
+    # eq. MAE: score = mean_{t,d} |x_{t,d} - x_hat_{t,d}| (the whole window) or mean_d |x_{W,d} - x_hat_{W,d}| (last)
+    return error.mean(1) if score_on == "window" else error[:, -1]
+
+
+class NearestNeighbourDetector(nn.Module):
+    """Baseline novelty score on the same windows: distance to the nearest safe training window.
+
+    score = min_j ||x - m_j||_2 / sqrt(n), x and the memory m_j min-max normalised and flattened (n values; the
+    last state only with score_on="last"): a root-mean-square difference per value, comparable to the MAE.
+    """
+
+    def __init__(self, obs_dim: int, window: int, memory_size: int, lo: np.ndarray | None = None,
+                 scale: np.ndarray | None = None, memory: torch.Tensor | None = None, score_on: str = "window"):
+        super().__init__()
+        self.window, self.score_on = window, score_on
+        self.register_buffer("lo", torch.zeros(obs_dim) if lo is None else torch.as_tensor(lo, dtype=torch.float32))
+        self.register_buffer("scale", torch.ones(obs_dim) if scale is None else torch.as_tensor(scale, dtype=torch.float32))
+        self.register_buffer("memory", torch.zeros(memory_size, window, obs_dim) if memory is None else memory)
+
+    @property
+    def obs_dim(self) -> int:
+        return self.lo.shape[0]
+
+    def score(self, windows: torch.Tensor) -> torch.Tensor:
+        x, m = (windows - self.lo) / self.scale, self.memory
+        if self.score_on == "last":
+            x, m = x[:, -1:], m[:, -1:]
+        x, m = x.flatten(1), m.flatten(1)
+        return torch.cdist(x, m).min(1).values / math.sqrt(x.shape[1])
 
 
 def minmax_stats(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -345,7 +481,7 @@ def minmax_stats(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def percentile_threshold(scores: np.ndarray, percentile: float) -> float:
-    """tau = the `percentile`-th percentile of held-out safe scores (linear interpolation between order statistics)."""
+    """Anomaly threshold = the `percentile`-th percentile of held-out safe scores (linear interpolation)."""
     return float(np.percentile(np.asarray(scores, dtype=np.float64), percentile))
 
 
@@ -366,84 +502,226 @@ def roc_auc(scores_negative: np.ndarray, scores_positive: np.ndarray) -> float:
     return float(u / (len(pos) * len(neg)))
 
 
-def score_in_batches(model: TransformerAutoencoder, obs: torch.Tensor, index: np.ndarray, batch: int = 4096) -> np.ndarray:
-    """Scores of the windows obs[index] (index: (M, W) rows), batched to bound memory."""
+def score_in_batches(detector: nn.Module, obs: torch.Tensor, episode_start: np.ndarray, ends: np.ndarray,
+                     window: int, batch: int = 1024) -> np.ndarray:
+    """Scores of the windows ending at rows `ends` of `obs`, batched to bound memory."""
     out = []
     with torch.no_grad():
-        for i in range(0, len(index), batch):
-            out.append(anomaly_score(model, obs[torch.as_tensor(index[i:i + batch], device=obs.device)]).cpu().numpy())
+        for i in range(0, len(ends), batch):
+            idx = torch.as_tensor(window_indices(episode_start, ends[i:i + batch], window), device=obs.device)
+            out.append(detector.score(obs[idx]).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def train_detector(args: Args, data: dict, logger: Logger, device: torch.device) -> tuple[TransformerAutoencoder, float, float]:
-    """Stage 2: fit the autoencoder on safe training windows; tau from held-out safe windows; ROC AUC. Returns (model, tau, auc)."""
+def evaluate_detector(detector: nn.Module, obs: torch.Tensor, episode_start: np.ndarray, splits: dict,
+                      percentile: float) -> dict:
+    """Threshold and ROC AUCs on held-out episodes (policy windows, and with the warm-up windows)."""
+    def scores(name):
+        return score_in_batches(detector, obs, episode_start, splits[name], detector.window)
+
+    threshold = percentile_threshold(scores("threshold"), percentile)
+    unsafe_policy = scores("unsafe_policy")
+    return {"threshold": threshold,
+            "auc_policy": roc_auc(scores("safe_policy"), unsafe_policy),
+            "auc_all": roc_auc(scores("safe_all"), scores("unsafe_all")),
+            "unsafe_flagged": float((unsafe_policy > threshold).mean()) if len(unsafe_policy) else float("nan")}
+
+
+def train_detector(args: Args, data: dict, logger: Logger, device: torch.device) -> tuple[nn.Module, dict]:
+    """Stage 2: fit the detector on safe training windows; threshold and ROC AUCs on held-out episodes."""
     rng = np.random.default_rng(args.seed)
-    obs, start = data["obs"], data["episode_start"]
-    ends, safe = label_windows(data["cost"], data["terminal"], start, args.window_length, args.window_stride)
-    held = split_episodes(start, ends, args.holdout_fraction, rng)
-    train_idx = window_indices(start, ends[safe & ~held], args.window_length)
-    hold_idx = window_indices(start, ends[safe & held], args.window_length)
-    # every unsafe window (never trained on), at every stride-1 end, so that short cost bursts all count
-    all_ends, all_safe = label_windows(data["cost"], data["terminal"], start, args.window_length, 1)
-    unsafe_idx = window_indices(start, all_ends[~all_safe], args.window_length)
-    if len(train_idx) == 0 or len(hold_idx) == 0:
-        raise SystemExit("error: no safe source windows to train on or to set the threshold with "
-                         f"({len(train_idx)} train, {len(hold_idx)} held out): raise --source-timesteps")
-    print(f"stage 2: {len(train_idx)} safe training windows, {len(hold_idx)} held-out safe windows, "
-          f"{len(unsafe_idx)} unsafe windows (W={args.window_length})", flush=True)
-    lo, scale = minmax_stats(obs[np.unique(train_idx)])
-    model = TransformerAutoencoder(obs.shape[1], args.window_length, args.detector_d_model, args.detector_heads,
-                                   args.detector_layers, args.detector_latent_dim, lo, scale).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.detector_lr)
-    obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+    start, W = data["episode_start"], args.window_length
+    splits = detector_splits(data, W, args.window_stride, args.holdout_fraction, args.detector_windows == "all", rng)
+    if len(splits["train"]) == 0 or len(splits["threshold"]) == 0:
+        raise SystemExit(f"error: no safe source windows to train on or to set the threshold with ({len(splits['train'])} "
+                         f"train, {len(splits['threshold'])} held out, --detector-windows {args.detector_windows}): "
+                         "raise --source-timesteps (above --learning-starts), or pass --detector-windows all")
+    print(f"stage 2: {len(splits['train'])} safe training windows, {len(splits['threshold'])} held-out safe windows "
+          f"for the threshold; held-out episodes: {len(splits['safe_policy'])} safe / {len(splits['unsafe_policy'])} "
+          f"unsafe policy windows, {len(splits['safe_all'])} / {len(splits['unsafe_all'])} with the warm-up "
+          f"(W={W}, --detector-windows {args.detector_windows})", flush=True)
+    train_idx = window_indices(start, splits["train"], W)
+    lo, scale = minmax_stats(data["obs"][np.unique(train_idx)])
+    obs_t = torch.as_tensor(data["obs"], dtype=torch.float32, device=device)
     train_idx_t = torch.as_tensor(train_idx, device=device)
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    start_time = time.time()
-    for step in range(1, args.detector_steps + 1):
-        batch = train_idx_t[torch.randint(len(train_idx_t), (args.detector_batch_size,), generator=gen).to(device)]
-        loss = anomaly_score(model, obs_t[batch]).mean()  # MAE reconstruction loss on safe windows
-        check_finite("losses/detector_loss", loss)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % max(1, args.detector_steps // 20) == 0 or step == args.detector_steps:
-            model.eval()
-            hold_scores = score_in_batches(model, obs_t, hold_idx[:8192])
-            model.train()
-            logger.scalar("losses/detector_loss", loss.item(), step)
-            logger.scalar("losses/detector_heldout_loss", hold_scores.mean(), step)
-            print(f"detector step={step} loss={loss.item():.4f} heldout={hold_scores.mean():.4f} "
-                  f"({time.time() - start_time:.0f}s)", flush=True)
-    model.eval()
-    hold_scores = score_in_batches(model, obs_t, hold_idx)
-    unsafe_scores = score_in_batches(model, obs_t, unsafe_idx)
-    tau = percentile_threshold(hold_scores, args.threshold_percentile)
-    auc = roc_auc(hold_scores, unsafe_scores)
-    logger.scalar("charts/anomaly_threshold", tau, args.detector_steps)
-    logger.scalar("charts/detector_roc_auc", auc, args.detector_steps)
-    logger.scalar("charts/unsafe_flagged_fraction", float((unsafe_scores > tau).mean()) if len(unsafe_scores) else float("nan"),
-                  args.detector_steps)
-    logger.writer.add_histogram("charts/heldout_safe_score", hold_scores, args.detector_steps)
-    if len(unsafe_scores):
-        logger.writer.add_histogram("charts/unsafe_score", unsafe_scores, args.detector_steps)
-        print(f"stage 2: tau={tau:.4f} (p{args.threshold_percentile:g} of held-out safe scores); ROC AUC safe vs "
-              f"unsafe windows = {auc:.3f}; unsafe windows above tau: {(unsafe_scores > tau).mean():.1%}", flush=True)
+
+    def nearest_neighbour():  # the safe training windows (a random subset of at most nn_max_windows) are the memory
+        keep = rng.permutation(len(train_idx))[: args.nn_max_windows]
+        memory = (obs_t[train_idx_t[torch.as_tensor(np.sort(keep), device=device)]] - torch.as_tensor(lo, device=device)
+                  ) / torch.as_tensor(scale, device=device)
+        return NearestNeighbourDetector(obs_t.shape[1], W, len(keep), lo, scale, memory, args.score_on).to(device)
+
+    if args.detector == "nearest-neighbour":
+        detector = nearest_neighbour()
     else:
-        print(f"stage 2: tau={tau:.4f}; the source data holds no unsafe window, so the ROC AUC is undefined", flush=True)
-    return model, tau, auc
+        detector = TransformerAutoencoder(obs_t.shape[1], W, args.detector_d_model, args.detector_heads,
+                                          args.detector_layers, args.detector_latent_dim, lo, scale,
+                                          args.score_on).to(device)
+        optimizer = torch.optim.Adam(detector.parameters(), lr=args.detector_lr)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        start_time = time.time()
+        for step in range(1, args.detector_steps + 1):
+            batch = train_idx_t[torch.randint(len(train_idx_t), (args.detector_batch_size,), generator=gen, device=device)]
+            loss = anomaly_score(detector, obs_t[batch]).mean()  # MAE reconstruction loss on safe windows
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % max(1, args.detector_steps // 20) == 0 or step == args.detector_steps:
+                check_finite("losses/detector_loss", loss)
+                detector.eval()
+                held = score_in_batches(detector, obs_t, start, splits["threshold"][:8192], W)
+                detector.train()
+                logger.scalar("losses/detector_loss", loss.item(), step)
+                logger.scalar("losses/detector_heldout_loss", held.mean(), step)
+                print(f"detector step={step} loss={loss.item():.4f} heldout={held.mean():.4f} "
+                      f"({time.time() - start_time:.0f}s)", flush=True)
+        detector.eval()
+
+    result = evaluate_detector(detector, obs_t, start, splits, args.threshold_percentile)
+    step = args.detector_steps
+    logger.scalar("charts/anomaly_threshold", result["threshold"], step)
+    logger.scalar("charts/detector_roc_auc", result["auc_policy"], step)
+    logger.scalar("charts/detector_roc_auc_with_warmup", result["auc_all"], step)
+    logger.scalar("charts/unsafe_flagged_fraction", result["unsafe_flagged"], step)
+    for name in ("threshold", "safe_policy", "unsafe_policy"):
+        if len(splits[name]):
+            logger.writer.add_histogram(f"charts/score_{name}", score_in_batches(detector, obs_t, start, splits[name], W), step)
+    print(f"stage 2: {args.detector} detector, anomaly threshold {result['threshold']:.4f} "
+          f"(p{args.threshold_percentile:g} of held-out safe scores); ROC AUC on held-out episodes, safe vs unsafe "
+          f"windows: {result['auc_policy']:.3f} (policy windows), {result['auc_all']:.3f} (with the warm-up); "
+          f"unsafe policy windows above the threshold: {result['unsafe_flagged']:.1%}", flush=True)
+    if args.detector == "autoencoder":  # the same windows scored by distance: the detector's quality apart from the shaping
+        reference = evaluate_detector(nearest_neighbour(), obs_t, start, splits, args.threshold_percentile)
+        result["nn_auc_policy"], result["nn_auc_all"] = reference["auc_policy"], reference["auc_all"]
+        logger.scalar("charts/nearest_neighbour_roc_auc", reference["auc_policy"], step)
+        logger.scalar("charts/nearest_neighbour_roc_auc_with_warmup", reference["auc_all"], step)
+        print(f"stage 2: for reference, the nearest-neighbour distance to the same training windows: ROC AUC "
+              f"{reference['auc_policy']:.3f} (policy windows), {reference['auc_all']:.3f} (with the warm-up)", flush=True)
+    return detector, result
+
+
+def warn_about_detector(auc: float) -> None:
+    """Before stage 3: a detector that ranks unsafe windows below safe ones rewards danger relative to safety."""
+    if np.isnan(auc):
+        print("WARNING: the detector's ROC AUC is undefined (no unsafe window in the held-out source episodes): "
+              "nothing says that its score tracks danger.", flush=True)
+    elif auc < 0.5:
+        print(f"WARNING: the detector's ROC AUC on held-out episodes is {auc:.3f} < 0.5: it scores unsafe windows "
+              "LOWER than safe ones, so the shaped reward penalises safe behaviour more than unsafe behaviour. "
+              "Consider --detector nearest-neighbour, --score-on last, or a longer stage 1.", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
-# Stage 3: the shaped reward
+# Stage 3: the shaped reward, scored on the device
 # --------------------------------------------------------------------------------------------------
 
 
-def shaped_reward(reward: torch.Tensor, score: torch.Tensor, tau: float, coef: float, form: str) -> torch.Tensor:
-    """Reward adjusted by the anomaly score (penalty only when the score exceeds tau)."""
-    flagged = (score > tau).to(reward.dtype)
+def shaped_reward(reward: torch.Tensor, score: torch.Tensor, threshold: float, coef: float, form: str) -> torch.Tensor:
+    """Reward adjusted by the anomaly score (penalty only when the score exceeds the anomaly threshold)."""
+    flagged = (score > threshold).to(reward.dtype)
     if form == "binary":
-        return reward - coef * flagged  # binary variant: r' = r - lambda * 1[score > tau]
-    return reward - coef * score * flagged  # eq. reward shaping: r' = r - lambda * score * 1[score > tau]
+        return reward - coef * flagged  # binary variant: r' = r - lambda * 1[score > threshold]
+    return reward - coef * score * flagged  # eq. reward shaping: r' = r - lambda * score * 1[score > threshold]
+
+
+class ScoringTimer:
+    """Wall time spent scoring. On the CPU every op runs when called, so `perf_counter` is exact. On a GPU the host
+    only queues the kernels: CUDA events mark when the device reaches the start and the end of the scoring, and
+    their elapsed times are read at the log line (which syncs anyway), never per step."""
+
+    def __init__(self, device: torch.device):
+        self.events = device.type == "cuda"
+        self.seconds, self.pending = 0.0, []
+
+    def __enter__(self):
+        if self.events:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.events:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.pending.append((self.start, end))
+        else:
+            self.seconds += time.perf_counter() - self.start
+
+    def total(self) -> float:
+        """Seconds spent scoring so far (on a GPU: waits for the last recorded end event)."""
+        for start, end in self.pending:
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) / 1e3
+        self.pending.clear()
+        return self.seconds
+
+
+class WindowScorer:
+    """Stage 3: the window of the last W observations of every env, on the device, scored at every step.
+
+    The windows live in a ring buffer (num_envs, W, D): `roll` writes s_{t+1} over the oldest slot, `window` reads
+    the slots oldest-first, `score` runs the detector on all envs in one batch, `shape` adjusts the reward, `reset`
+    refills the ring of a finished episode with its first observation (the left padding). Every score is kept (on
+    the device, preallocated) for the log line and the per-step ROC AUC against the true cost.
+    """
+
+    def __init__(self, detector: nn.Module, threshold: float, first_obs: np.ndarray, penalty_coef: float,
+                 penalty_form: str, device: torch.device, max_steps: int):
+        self.detector, self.threshold, self.device = detector, threshold, device
+        self.coef, self.form = penalty_coef, penalty_form
+        self.W = detector.window
+        self.ring = torch.as_tensor(first_obs, dtype=torch.float32, device=device)[:, None].repeat(1, self.W, 1)
+        self.newest = self.W - 1  # the ring slot of the newest observation
+        # oldest-first slot order for each position of the newest slot: order[k] = (k + 1 + arange(W)) % W
+        self.order = (torch.arange(self.W, device=device)[:, None] + 1 + torch.arange(self.W, device=device)) % self.W
+        self.scores = torch.zeros(max_steps, device=device)  # every score of the run, in step order
+        self.count = self.logged = 0
+        self.timer = ScoringTimer(device)
+
+    def roll(self, next_obs: torch.Tensor) -> None:
+        self.newest = (self.newest + 1) % self.W
+        self.ring[:, self.newest] = next_obs
+
+    def window(self) -> torch.Tensor:
+        return self.ring[:, self.order[self.newest]]  # the W slots, oldest first
+
+    def score(self) -> torch.Tensor:
+        return self.detector.score(self.window())
+
+    def shape(self, reward: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        return shaped_reward(reward, score, self.threshold, self.coef, self.form)
+
+    def reset(self, done: torch.Tensor, first_obs: torch.Tensor) -> None:
+        self.ring = torch.where(done[:, None, None], first_obs[:, None], self.ring)
+
+    def step(self, reward: np.ndarray, real_next_obs: np.ndarray, next_obs: np.ndarray, done: np.ndarray) -> torch.Tensor:
+        """The shaped rewards r'_t (on the device) for the transitions that reached real_next_obs = s_{t+1}."""
+        n = len(reward)
+        with self.timer, torch.inference_mode():
+            # one host->device copy of the step's data: s_{t+1}, the next episodes' s_0, r_t, done
+            packed = torch.as_tensor(np.concatenate([real_next_obs, next_obs, reward[:, None], done[:, None]], 1),
+                                     dtype=torch.float32, device=self.device)
+            d = real_next_obs.shape[1]
+            self.roll(packed[:, :d])  # the window ending at s_{t+1}
+            score = self.score()
+            shaped = self.shape(packed[:, 2 * d], score)
+            if done.any():  # read on the host: no sync
+                self.reset(packed[:, 2 * d + 1] > 0, packed[:, d:2 * d])
+            self.scores[self.count:self.count + n] = score
+        self.count += n
+        return shaped
+
+    def since_last_log(self) -> torch.Tensor:
+        scores, self.logged = self.scores[self.logged:self.count], self.count
+        return scores
+
+
+def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Several device tensors -> numpy in ONE device->host copy (one sync on a GPU instead of one per tensor)."""
+    flat = torch.cat([t.reshape(-1).float() for t in tensors]).cpu().numpy()
+    parts = np.split(flat, np.cumsum([t.numel() for t in tensors])[:-1])
+    return [p.reshape(t.shape) for p, t in zip(parts, tensors)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -452,17 +730,18 @@ def shaped_reward(reward: torch.Tensor, score: torch.Tensor, tau: float, coef: f
 
 
 def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, device: torch.device, seed: int,
-            record: bool = False, detector: TransformerAutoencoder | None = None, tau_threshold: float = 0.0,
-            lagrangian: bool = False):
-    """Train TD3 on `env_id`. Stage 1: `record=True` returns the source data. Stage 3: `detector` shapes the reward,
-    or `lagrangian=True` runs TD3-Lag on the true cost. Returns (actor, critics, source data or None)."""
+            method: str = "td3", detector: nn.Module | None = None, threshold: float = 0.0, record: bool = False):
+    """Train TD3 on `env_id`: stage 1 (`record=True` returns the source data), or stage 3 with `method` ("anoseqs"
+    shapes the reward with `detector`; "td3-lag" and "oracle-shaping" use the true cost). Returns (actor, critics,
+    source data or None)."""
     envs = make_vector_env(env_id, args.num_envs, seed)
     obs_dim = envs.single_observation_space.shape[0]
     act_space = envs.single_action_space
     act_dim = act_space.shape[0]
-    if detector is not None and detector.lo.shape[0] != obs_dim:
-        raise SystemExit(f"error: the detector was trained on observations of size {detector.lo.shape[0]} but "
+    if detector is not None and detector.obs_dim != obs_dim:
+        raise SystemExit(f"error: the detector was trained on observations of size {detector.obs_dim} but "
                          f"{env_id} has {obs_dim}: use a source run of a task with the same observation space")
+    lagrangian = method == "td3-lag"
 
     actor = Actor(obs_dim, act_dim, args.hidden_size, act_space.low, act_space.high).to(device)
     actor_target = Actor(obs_dim, act_dim, args.hidden_size, act_space.low, act_space.high).to(device)
@@ -473,17 +752,22 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
     qf1_target.load_state_dict(qf1.state_dict())
     qf2_target.load_state_dict(qf2.state_dict())
     q_params = list(qf1.parameters()) + list(qf2.parameters())
-    if lagrangian:  # TD3-Lag: a cost critic and a multiplier
+    pairs = [(actor, actor_target), (qf1, qf1_target), (qf2, qf2_target)]
+    if lagrangian:  # TD3-Lag: a cost critic and a multiplier (on the device: no sync when it is updated)
         qc = QNetwork(obs_dim, act_dim, args.hidden_size).to(device)
         qc_target = QNetwork(obs_dim, act_dim, args.hidden_size).to(device)
         qc_target.load_state_dict(qc.state_dict())
         q_params += list(qc.parameters())
-        lagrange_multiplier = args.lagrange_init
+        pairs.append((qc, qc_target))
+        lagrange_multiplier = torch.tensor(args.lagrange_init, device=device)
         max_ep_len = envs.env.envs[0].spec.max_episode_steps or 1000
         # the episodic cost limit d as a per-state Q_c limit (SafeRL-Kit's conversion)
         qc_limit = args.cost_limit * (1 - args.gamma ** max_ep_len) / (1 - args.gamma) / max_ep_len
-    q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
+    online_params = [p for net, _ in pairs for p in net.parameters()]
+    target_params = [p for _, target in pairs for p in target.parameters()]
+    # foreach: Adam's multi-tensor implementation, the default on a GPU (on this CPU: within noise, docs/anoseqs.md)
+    q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, foreach=True)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, foreach=True)
     action_scale = actor.action_scale
     low = torch.as_tensor(act_space.low, dtype=torch.float32, device=device)
     high = torch.as_tensor(act_space.high, dtype=torch.float32, device=device)
@@ -492,86 +776,72 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
                                          "reward": ((), np.float32), "cost": ((), np.float32),
                                          "next_obs": ((obs_dim,), np.float32), "done": ((), np.float32)},
                       device, seed=seed)
-    obs, _ = envs.reset(seed=seed)
-    envs.action_space.seed(seed)
-    if record:  # stage 1: rows (obs, cost, terminal) per episode, row 0 = the reset observation
-        open_eps = [[(obs[i].copy(), 0.0, False)] for i in range(args.num_envs)]
-        closed_eps = []
-    if detector is not None:  # stage 3: a rolling window per env, padded with the episode's first observation
-        windows = torch.as_tensor(obs, dtype=torch.float32, device=device)[:, None].repeat(1, args.window_length, 1)
-        interval_scores, score_time = [], 0.0
-        all_scores, all_costs = [], []
-    interval_flagged = interval_steps = 0
-    updates = actor_updates = 0
-    # SPS of this stage only: with --stage all the stage-3 logger was created before stages 1 and 2 ran
-    logger.restart_clock(0, total_timesteps)
-    start_time = logger.start_time
     num_iterations = -(-total_timesteps // args.num_envs)
+    obs, _ = envs.reset(seed=seed)
+    recorder = SourceRecorder(obs, args.learning_starts > 0, total_timesteps + 2 * args.num_envs) if record else None
+    scorer = None
+    if detector is not None:  # stage 3 of AnoSeqs
+        scorer = WindowScorer(detector, threshold, obs, args.penalty_coef, args.penalty_form, device,
+                              num_iterations * args.num_envs)
+        true_costs = np.zeros(num_iterations * args.num_envs, np.float32)  # for the per-step ROC AUC, logged only
+
+    def choose_actions(o: np.ndarray, step: int) -> torch.Tensor:
+        """Actions for the vector step that ends at global step `step`, on the device."""
+        with torch.no_grad():
+            if step <= args.learning_starts:  # the random warm-up: uniform actions
+                return low + (high - low) * torch.rand((args.num_envs, act_dim), device=device)
+            a = actor(torch.as_tensor(o, dtype=torch.float32, device=device))
+            return (a + torch.randn_like(a) * action_scale * args.exploration_noise).clamp(low, high)
+
+    updates = actor_updates = 0
+    losses = {}
+    logger.restart_clock(0, total_timesteps)  # SPS and ETA of this stage only (with --stage all, stages 1-2 ran first)
+    start_time = logger.start_time
+    actions = choose_actions(obs, args.num_envs).cpu().numpy()
     for iteration in range(1, num_iterations + 1):
         global_step = iteration * args.num_envs
-        if global_step <= args.learning_starts:
-            actions = envs.action_space.sample()
-        else:
-            with torch.no_grad():
-                a = actor(torch.as_tensor(obs, dtype=torch.float32, device=device))
-                a = a + torch.randn_like(a) * action_scale * args.exploration_noise
-                actions = a.clamp(low, high).cpu().numpy()
-
         next_obs, rewards, costs, terminations, truncations, infos = envs.step(actions)
+        dones = np.logical_or(terminations, truncations)
         for i, ep in finished_episodes(infos):
             logger.log_episode(global_step, ep["r"], ep["c"], ep["l"])
         logger.log_costs(global_step, costs)  # the true cost: logged, never shown to the AnoSeqs/TD3 agent
         real_next_obs = next_obs.copy()
-        for i in np.flatnonzero(np.logical_or(terminations, truncations)):
+        for i in np.flatnonzero(dones):
             real_next_obs[i] = infos["final_observation"][i]
-        if record:
-            for i in range(args.num_envs):
-                open_eps[i].append((real_next_obs[i].copy(), float(costs[i]), bool(terminations[i])))
-                if terminations[i] or truncations[i]:
-                    closed_eps.append(open_eps[i])
-                    open_eps[i] = [(next_obs[i].copy(), 0.0, False)]
+        if recorder is not None:
+            recorder.add(real_next_obs, costs, terminations, dones, next_obs, global_step <= args.learning_starts)
 
-        stored_rewards = rewards  # the baselines' reward never goes to the device and back
-        if detector is not None:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                rewards_t = torch.as_tensor(rewards, dtype=torch.float32, device=device)
-                nxt = torch.as_tensor(real_next_obs, dtype=torch.float32, device=device)
-                windows = torch.cat([windows[:, 1:], nxt[:, None]], 1)  # the window ending at s_{t+1}
-                score = anomaly_score(detector, windows)
-                rewards_t = shaped_reward(rewards_t, score, tau_threshold, args.penalty_coef, args.penalty_form)
-                done_t = torch.as_tensor(np.logical_or(terminations, truncations), device=device)
-                fresh = torch.as_tensor(next_obs, dtype=torch.float32, device=device)[:, None].expand_as(windows)
-                windows = torch.where(done_t[:, None, None], fresh, windows)  # new episode: pad with its s_0
-            score_time += time.perf_counter() - t0
-            interval_scores.append(score)
-            interval_flagged = interval_flagged + (score > tau_threshold).sum()  # stays on the device until logged
-            all_scores.append(score)
-            all_costs.append(costs.copy())
-            stored_rewards = rewards_t.cpu().numpy()  # the one device->host copy of the scoring block
-        interval_steps += args.num_envs
-
-        rb.add(obs=obs, action=actions, reward=stored_rewards, cost=costs, next_obs=real_next_obs,
+        # The next step's action is chosen now; with a detector it comes back in one copy with the shaped reward.
+        next_actions = choose_actions(next_obs, global_step + args.num_envs)
+        if method == "oracle-shaping":
+            rewards = rewards - args.cost_penalty_coef * costs  # baseline: r - lambda c with the TRUE cost
+        if scorer is not None:
+            next_actions, rewards = to_host(next_actions, scorer.step(rewards, real_next_obs, next_obs, dones))
+            true_costs[(iteration - 1) * args.num_envs:iteration * args.num_envs] = costs
+        else:
+            next_actions = next_actions.cpu().numpy()  # the one device->host copy of the step, as CleanRL
+        rb.add(obs=obs, action=actions, reward=rewards, cost=costs, next_obs=real_next_obs,
                done=terminations.astype(np.float32))
-        obs = next_obs
+        obs, actions = next_obs, next_actions
 
         if global_step > args.learning_starts:
             data = rb.sample(args.batch_size)
             with torch.no_grad():
                 clipped_noise = (torch.randn_like(data["action"]) * args.policy_noise).clamp(
                     -args.noise_clip, args.noise_clip) * action_scale
-                next_actions = (actor_target(data["next_obs"]) + clipped_noise).clamp(low, high)  # target smoothing
-                min_qf_next = torch.min(qf1_target(data["next_obs"], next_actions), qf2_target(data["next_obs"], next_actions))
+                next_act = (actor_target(data["next_obs"]) + clipped_noise).clamp(low, high)  # target smoothing
+                min_qf_next = torch.min(qf1_target(data["next_obs"], next_act), qf2_target(data["next_obs"], next_act))
                 next_q = data["reward"] + (1 - data["done"]) * args.gamma * min_qf_next  # clipped double-Q target
             qf1_loss = F.mse_loss(qf1(data["obs"], data["action"]), next_q)
             qf2_loss = F.mse_loss(qf2(data["obs"], data["action"]), next_q)
             qf_loss = qf1_loss + qf2_loss
+            losses.update(qf1_loss=qf1_loss, qf2_loss=qf2_loss)
             if lagrangian:
                 with torch.no_grad():
-                    next_qc = data["cost"] + (1 - data["done"]) * args.gamma * qc_target(data["next_obs"], next_actions)
+                    next_qc = data["cost"] + (1 - data["done"]) * args.gamma * qc_target(data["next_obs"], next_act)
                 qc_loss = F.mse_loss(qc(data["obs"], data["action"]), next_qc)
                 qf_loss = qf_loss + qc_loss
-            check_finite("losses/qf_loss", qf_loss)
+                losses.update(qc_loss=qc_loss)
             q_optimizer.zero_grad()
             qf_loss.backward()
             q_optimizer.step()
@@ -583,64 +853,46 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
                 if lagrangian:
                     qc_pi = qc(data["obs"], pi).mean()
                     actor_loss = actor_loss + lagrange_multiplier * (qc_pi - qc_limit)  # TD3-Lag actor loss
-                check_finite("losses/actor_loss", actor_loss)
+                losses.update(actor_loss=actor_loss)
                 actor_optimizer.zero_grad()
                 actor_loss.backward()
                 actor_optimizer.step()
                 actor_updates += 1
                 if lagrangian:  # projected gradient ascent on the multiplier
-                    lagrange_multiplier = max(0.0, lagrange_multiplier + args.lagrange_lr * (qc_pi.item() - qc_limit))
-                with torch.no_grad():
-                    pairs = [(actor, actor_target), (qf1, qf1_target), (qf2, qf2_target)]
-                    if lagrangian:
-                        pairs.append((qc, qc_target))
-                    for net, target in pairs:
-                        for p, tp in zip(net.parameters(), target.parameters()):
-                            tp.mul_(1 - args.tau).add_(args.tau * p)
+                    lagrange_multiplier = (lagrange_multiplier + args.lagrange_lr * (qc_pi.detach() - qc_limit)).clamp(min=0.0)
+                with torch.no_grad():  # Polyak averaging of all target networks: theta' <- (1 - tau) theta' + tau theta
+                    torch._foreach_lerp_(target_params, online_params, args.tau)
 
         if global_step % args.log_every < args.num_envs or iteration == num_iterations:
-            if global_step > args.learning_starts and updates >= args.policy_frequency:
-                logger.scalar("losses/qf1_loss", qf1_loss.item(), global_step)
-                logger.scalar("losses/qf2_loss", qf2_loss.item(), global_step)
-                logger.scalar("losses/actor_loss", actor_loss.item(), global_step)
+            for name, value in losses.items():  # the NaN check once per log line, not at every update (a sync on a GPU)
+                check_finite(f"losses/{name}", value)
+                logger.scalar(f"losses/{name}", value.item(), global_step)
+            if updates:
                 logger.scalar("charts/actor_updates_per_critic_update", actor_updates / updates, global_step)
-                if lagrangian:
-                    logger.scalar("losses/qc_loss", qc_loss.item(), global_step)
-                    logger.scalar("charts/lagrange_multiplier", lagrange_multiplier, global_step)
-                    logger.scalar("charts/qc_value", qc_pi.item(), global_step)
+            if lagrangian and updates:
+                logger.scalar("charts/lagrange_multiplier", lagrange_multiplier.item(), global_step)
+                logger.scalar("charts/qc_value", qc_pi.item() if actor_updates else 0.0, global_step)
             extra = ""
-            if detector is not None:
-                scores = torch.cat(interval_scores).cpu().numpy()
+            if scorer is not None:
+                scores = scorer.since_last_log().cpu().numpy()
+                penalised = float((scores > threshold).mean())
                 logger.writer.add_histogram("charts/anomaly_score", scores, global_step)
                 logger.scalar("charts/anomaly_score_mean", scores.mean(), global_step)
-                penalised = float(interval_flagged) / max(interval_steps, 1)
                 logger.scalar("charts/penalised_fraction", penalised, global_step)
-                logger.scalar("charts/scoring_time_fraction", score_time / max(time.time() - start_time, 1e-9), global_step)
+                logger.scalar("charts/scoring_time_fraction", scorer.timer.total() / max(time.time() - start_time, 1e-9),
+                              global_step)
                 extra = f"penalised={penalised:.3f}"
-                interval_scores, interval_flagged = [], 0
-            interval_steps = 0
             logger.console(global_step, extra)
     envs.close()
 
-    source_data = None
-    if record:  # the unfinished episodes are kept too: their windows are valid
-        episodes = closed_eps + [ep for ep in open_eps if len(ep) > 1]
-        lengths = [len(ep) for ep in episodes]
-        source_data = {
-            "obs": np.stack([row[0] for ep in episodes for row in ep]).astype(np.float32),
-            "cost": np.array([row[1] for ep in episodes for row in ep], dtype=np.float32),
-            "terminal": np.array([row[2] for ep in episodes for row in ep], dtype=bool),
-            "episode_start": np.repeat(np.cumsum([0] + lengths[:-1]), lengths),
-        }
-    if detector is not None:  # how well the detector's flags match the target's true cost, over all of stage 3
-        scores, costs_seen = torch.cat(all_scores).cpu().numpy(), np.concatenate(all_costs)
-        auc = roc_auc(scores[costs_seen <= 0], scores[costs_seen > 0])
+    if scorer is not None:  # how well the detector's score matches the target's true cost, over all of stage 3
+        scores = scorer.scores[:scorer.count].cpu().numpy()
+        auc = roc_auc(scores[true_costs <= 0], scores[true_costs > 0])
         logger.scalar("charts/target_roc_auc", auc, global_step)
-        logger.scalar("charts/scoring_time_fraction", score_time / max(time.time() - start_time, 1e-9), global_step)
+        wall, scoring = time.time() - start_time, scorer.timer.total()
         print(f"stage 3: per-step ROC AUC of the score vs the true cost in the target: {auc:.3f}; "
-              f"scoring took {score_time:.1f}s of {time.time() - start_time:.1f}s "
-              f"({score_time / max(time.time() - start_time, 1e-9):.1%})", flush=True)
-    return actor, (qf1, qf2), source_data
+              f"scoring took {scoring:.1f}s of {wall:.1f}s ({scoring / max(wall, 1e-9):.1%})", flush=True)
+    return actor, (qf1, qf2), (recorder.data() if recorder is not None else None)
 
 
 def evaluate(actor: Actor, env_id: str, episodes: int, seed: int, device: torch.device, logger: Logger, step: int) -> None:
@@ -663,28 +915,48 @@ def evaluate(actor: Actor, env_id: str, episodes: int, seed: int, device: torch.
           f"cost {np.mean(costs):.2f} +- {np.std(costs):.2f}", flush=True)
 
 
-DETECTOR_CONFIG_KEYS = ("obs_dim", "window_length", "d_model", "heads", "layers", "latent_dim", "source_env_id")
+DETECTOR_CONFIG_KEYS = ("kind", "obs_dim", "window_length", "score_on", "source_env_id", "roc_auc_policy")
 
 
-def load_detector(path: str, device: torch.device) -> tuple[TransformerAutoencoder, float, dict]:
+def build_detector(config: dict) -> nn.Module:
+    if config["kind"] == "nearest-neighbour":
+        return NearestNeighbourDetector(config["obs_dim"], config["window_length"], config["memory_size"],
+                                        score_on=config["score_on"])
+    return TransformerAutoencoder(config["obs_dim"], config["window_length"], config["d_model"], config["heads"],
+                                  config["layers"], config["latent_dim"], score_on=config["score_on"])
+
+
+def detector_config(args: Args, detector: nn.Module, result: dict, source_env_id: str) -> dict:
+    config = {"kind": args.detector, "obs_dim": detector.obs_dim, "window_length": args.window_length,
+              "score_on": args.score_on, "source_env_id": source_env_id, "detector_windows": args.detector_windows,
+              "roc_auc_policy": result["auc_policy"], "roc_auc_with_warmup": result["auc_all"]}
+    if args.detector == "nearest-neighbour":
+        config["memory_size"] = detector.memory.shape[0]
+    else:
+        config.update(d_model=args.detector_d_model, heads=args.detector_heads, layers=args.detector_layers,
+                      latent_dim=args.detector_latent_dim)
+    return config
+
+
+def load_detector(path: str, device: torch.device) -> tuple[nn.Module, float, dict]:
     """The detector saved by stage 2; a file that is not one ends in a clear error, not a KeyError traceback."""
-    what = f"error: --source-run: {path!r} is not a detector saved by stage 2 of anoseqs.py"
+    what = f"error: --source-run: {path!r} is not a detector saved by stage 2 of this anoseqs.py"
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
         raise SystemExit(f"{what}: cannot read it ({e})") from None
-    if (not isinstance(ckpt, dict) or any(k not in ckpt for k in ("model", "tau", "config"))
+    if (not isinstance(ckpt, dict) or any(k not in ckpt for k in ("model", "threshold", "config"))
             or not isinstance(ckpt["config"], dict) or any(k not in ckpt["config"] for k in DETECTOR_CONFIG_KEYS)):
-        raise SystemExit(f"{what}: it lacks the model, tau or config {list(DETECTOR_CONFIG_KEYS)}; rerun --stage 2")
-    c = ckpt["config"]
-    model = TransformerAutoencoder(c["obs_dim"], c["window_length"], c["d_model"], c["heads"], c["layers"],
-                                   c["latent_dim"]).to(device)
+        raise SystemExit(f"{what}: it lacks the model, threshold or config {list(DETECTOR_CONFIG_KEYS)}; "
+                         "rerun --stage 2")
+    config = ckpt["config"]
     try:
+        model = build_detector(config).to(device)
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
+    except (RuntimeError, KeyError) as e:
         raise SystemExit(f"{what}: its weights do not match its config ({str(e).splitlines()[0]})") from None
     model.eval()
-    return model, float(ckpt["tau"]), c
+    return model, float(ckpt["threshold"]), config
 
 
 def check_same_observation(source_env_id: str, env_id: str) -> None:
@@ -701,6 +973,15 @@ def check_same_observation(source_env_id: str, env_id: str) -> None:
                          "or vase lidar)")
 
 
+def load_source_data(run_dir: str) -> dict:
+    keys = ("obs", "cost", "terminal", "warmup", "episode_start")
+    with np.load(os.path.join(run_dir, "source_data.npz")) as f:
+        if any(k not in f for k in keys):
+            raise SystemExit(f"error: --source-run {run_dir!r}: its source_data.npz lacks {[k for k in keys if k not in f]} "
+                             "(written by an older anoseqs.py): rerun --stage 1")
+        return {k: f[k] for k in keys}
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
@@ -712,8 +993,8 @@ if __name__ == "__main__":
     if vision or source_vision:  # the id was silently reduced to its state version before
         raise SystemExit(f"error: --env-id {args.env_id!r} / --source-env-id {args.source_env_id!r}: AnoSeqs works on "
                          "state observations (windows of flat feature vectors); drop 'Vision' from the id")
-    baseline = args.lagrangian or args.penalty_coef == 0
-    if not baseline and args.stage == "all" and source_env_id != env_id:
+    uses_detector = args.method == "anoseqs"
+    if uses_detector and args.stage == "all" and source_env_id != env_id:
         check_same_observation(source_env_id, env_id)  # before hours of stages 1 and 2, not after them
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     logger = Logger(run_name, args)
@@ -721,47 +1002,43 @@ if __name__ == "__main__":
     device = get_device(args.cuda)
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
-    stages = ["3"] if baseline else (["1", "2", "3"] if args.stage == "all" else [args.stage])
-    if baseline and args.stage == "all":
-        print("baseline (--penalty-coef 0 or --lagrangian): stages 1 and 2 are skipped, no detector is used", flush=True)
+    stages = (["1", "2", "3"] if args.stage == "all" else [args.stage]) if uses_detector else ["3"]
+    if not uses_detector and args.stage == "all":
+        print(f"--method {args.method}: a baseline without detector; stages 1 and 2 are skipped", flush=True)
     if args.source_run:
         logger.writer.add_text("source_run", args.source_run)
 
     if "1" in stages:  # stage 1: the source agent; its cost only labels the windows
         print(f"stage 1: TD3 in the source environment {source_env_id} for {args.source_timesteps} steps", flush=True)
-        source_logger = Logger("source", args, root=logger.run_dir)
-        _, _, source_data = run_td3(args, source_env_id, args.source_timesteps, source_logger, device, args.seed + 10_000,
-                                    record=True)
+        source_logger = Logger("source", args, root=logger.run_dir, total_steps=args.source_timesteps)
+        _, _, source_data = run_td3(args, source_env_id, args.source_timesteps, source_logger, device,
+                                    args.seed + 10_000, record=True)
         source_logger.close()
         np.savez_compressed(os.path.join(logger.run_dir, "source_data.npz"), env_id=source_env_id, **source_data)
     elif "2" in stages:
-        with np.load(os.path.join(args.source_run, "source_data.npz")) as f:
-            source_data = {k: f[k] for k in ("obs", "cost", "terminal", "episode_start")}
+        source_data = load_source_data(args.source_run)
 
-    if "2" in stages:  # stage 2: the transformer autoencoder and its threshold
-        detector_logger = Logger("detector", args, root=logger.run_dir)
-        detector, tau, auc = train_detector(args, source_data, detector_logger, device)
+    if "2" in stages:  # stage 2: the detector and its anomaly threshold
+        detector_logger = Logger("detector", args, root=logger.run_dir, total_steps=args.detector_steps)
+        detector, result = train_detector(args, source_data, detector_logger, device)
         detector_logger.close()
-        config = {"obs_dim": source_data["obs"].shape[1], "window_length": args.window_length,
-                  "d_model": args.detector_d_model, "heads": args.detector_heads, "layers": args.detector_layers,
-                  "latent_dim": args.detector_latent_dim, "source_env_id": source_env_id, "roc_auc": auc}
-        torch.save({"model": detector.state_dict(), "tau": tau, "config": config},
+        threshold, config = result["threshold"], detector_config(args, detector, result, source_env_id)
+        torch.save({"model": detector.state_dict(), "threshold": threshold, "config": config},
                    os.path.join(logger.run_dir, "detector.pt"))
-    elif "3" in stages and not baseline:
-        detector, tau, config = load_detector(os.path.join(args.source_run, "detector.pt"), device)
-        if config["window_length"] != args.window_length:
-            print(f"using the detector's window length {config['window_length']} (not --window-length "
-                  f"{args.window_length})", flush=True)
-            args.window_length = config["window_length"]
-        print(f"stage 3: detector from {args.source_run} (trained on {config['source_env_id']}), tau={tau:.4f}", flush=True)
+    elif "3" in stages and uses_detector:
+        detector, threshold, config = load_detector(os.path.join(args.source_run, "detector.pt"), device)
+        print(f"stage 3: {config['kind']} detector from {args.source_run} (trained on {config['source_env_id']}, "
+              f"W={config['window_length']}, score on the {config['score_on']}), anomaly threshold {threshold:.4f}, "
+              f"held-out ROC AUC {config['roc_auc_policy']:.3f}", flush=True)
 
     if "3" in stages:  # stage 3: the target agent on the shaped reward (or a baseline)
-        name = "TD3-Lag" if args.lagrangian else ("TD3" if args.penalty_coef == 0 else "AnoSeqs")
-        print(f"stage 3: {name} in the target environment {env_id} for {args.total_timesteps} steps", flush=True)
-        logger.scalar("charts/anomaly_threshold", 0.0 if baseline else tau, 0)
-        actor, (qf1, qf2), _ = run_td3(args, env_id, args.total_timesteps, logger, device, args.seed,
-                                       detector=None if baseline else detector, tau_threshold=0.0 if baseline else tau,
-                                       lagrangian=args.lagrangian)
+        if uses_detector:
+            warn_about_detector(config["roc_auc_policy"])
+            logger.scalar("charts/anomaly_threshold", threshold, 0)
+            logger.scalar("charts/detector_roc_auc", config["roc_auc_policy"], 0)
+        print(f"stage 3: {args.method} in the target environment {env_id} for {args.total_timesteps} steps", flush=True)
+        actor, (qf1, qf2), _ = run_td3(args, env_id, args.total_timesteps, logger, device, args.seed, args.method,
+                                       detector if uses_detector else None, threshold if uses_detector else 0.0)
         if args.save_model:
             path = os.path.join(logger.run_dir, f"{args.exp_name}.cleanrl_model")
             torch.save({"actor": actor.state_dict(), "qf1": qf1.state_dict(), "qf2": qf2.state_dict()}, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -69,12 +70,12 @@ def test_percentile_threshold_by_hand():
 def test_shaped_reward_on_hand_made_scores():
     reward = torch.tensor([1.0, 1.0, 1.0, 1.0])
     score = torch.tensor([0.1, 0.4, 0.5, 0.9])
-    out = anoseqs.shaped_reward(reward, score, tau=0.4, coef=2.0, form="proportional")
-    # at or below tau: untouched; above: r - 2 * score
+    out = anoseqs.shaped_reward(reward, score, threshold=0.4, coef=2.0, form="proportional")
+    # at or below the threshold: untouched; above: r - 2 * score
     assert out.tolist() == pytest.approx([1.0, 1.0, 0.0, -0.8])
-    out = anoseqs.shaped_reward(reward, score, tau=0.4, coef=2.0, form="binary")
+    out = anoseqs.shaped_reward(reward, score, threshold=0.4, coef=2.0, form="binary")
     assert out.tolist() == pytest.approx([1.0, 1.0, -1.0, -1.0])
-    assert anoseqs.shaped_reward(reward, score, tau=0.4, coef=0.0, form="proportional").tolist() == reward.tolist()
+    assert anoseqs.shaped_reward(reward, score, threshold=0.4, coef=0.0, form="proportional").tolist() == reward.tolist()
 
 
 def test_roc_auc_hand_example():
@@ -130,9 +131,327 @@ def test_autoencoder_learns_safe_sequences_and_separates_an_anomaly():
     # inputs live in [0, 1] after normalisation; a mean abs error of 0.05 is a 5% error
     print(f"first loss {first:.4f}, held-out safe score {safe_scores.mean():.4f}, anomalous {bad_scores.mean():.4f}")
     assert safe_scores.mean() < 0.05 < first
-    tau = anoseqs.percentile_threshold(safe_scores, 99)
-    assert (bad_scores > tau).mean() > 0.95
+    threshold = anoseqs.percentile_threshold(safe_scores, 99)
+    assert (bad_scores > threshold).mean() > 0.95
     assert anoseqs.roc_auc(safe_scores, bad_scores) > 0.99
+
+
+def test_detector_splits_auc_classes_are_the_held_out_episodes_windows():
+    """The ROC AUC's positives are exactly the unsafe windows of held-out episodes (and its negatives their safe
+    windows), with and without the warm-up windows; checked against a window-by-window loop."""
+    rng = np.random.default_rng(3)
+    lengths = [7, 9, 6, 8, 10, 7]
+    start = np.repeat(np.cumsum([0] + lengths[:-1]), lengths)
+    n = len(start)
+    cost = (rng.random(n) < 0.12).astype(np.float32)
+    cost[start == np.arange(n)] = 0  # reset rows have no cost
+    terminal = np.zeros(n, bool)
+    terminal[np.cumsum(lengths)[1] - 1] = True  # episode 2 ended early
+    warmup = np.arange(n) < 25  # the first 25 rows were recorded during the random warm-up (into episode 4)
+    data = {"cost": cost, "terminal": terminal, "warmup": warmup, "episode_start": start}
+    W = 3
+    splits = anoseqs.detector_splits(data, W, 2, 0.5, False, np.random.default_rng(0))
+    held_episodes = set(start[anoseqs.split_episodes(start, np.arange(n), 0.5, np.random.default_rng(0))])
+    expected = {k: [] for k in ("train", "threshold", "safe_policy", "unsafe_policy", "safe_all", "unsafe_all")}
+    for end in range(n):
+        rows = [max(r, start[end]) for r in range(end - W + 1, end + 1)]
+        unsafe = any(cost[r] > 0 or terminal[r] for r in rows)
+        warm = any(warmup[r] for r in rows)
+        held = start[end] in held_episodes
+        if held:
+            expected["unsafe_all" if unsafe else "safe_all"].append(end)
+            if not warm:
+                expected["unsafe_policy" if unsafe else "safe_policy"].append(end)
+                if not unsafe:
+                    expected["threshold"].append(end)
+        elif not unsafe and not warm and (end - start[end]) % 2 == 0:
+            expected["train"].append(end)
+    assert 0 < len(held_episodes) < len(lengths)
+    for name, ends in expected.items():
+        assert splits[name].tolist() == ends, name
+    assert len(expected["unsafe_policy"]) and len(expected["safe_policy"]) < len(expected["safe_all"])
+    # --detector-windows all: the warm-up windows train the detector and set the threshold too
+    keep = anoseqs.detector_splits(data, W, 2, 0.5, True, np.random.default_rng(0))
+    assert keep["threshold"].tolist() == expected["safe_all"]
+    assert set(keep["train"]) > set(expected["train"])
+
+
+def test_autoencoder_score_of_the_last_state():
+    torch.manual_seed(0)
+    model = anoseqs.TransformerAutoencoder(3, 4, 8, 2, 1, 4, lo=np.zeros(3), scale=np.full(3, 2.0)).eval()
+    x = torch.rand(5, 4, 3)
+    with torch.no_grad():
+        error = (model(x / 2.0) - x / 2.0).abs()  # normalised by scale 2
+        assert torch.allclose(anoseqs.anomaly_score(model, x, "window"), error.mean(dim=(1, 2)))
+        assert torch.allclose(anoseqs.anomaly_score(model, x, "last"), error[:, -1].mean(-1))
+        model.score_on = "last"
+        assert torch.allclose(model.score(x), error[:, -1].mean(-1))
+
+
+def test_nearest_neighbour_score_by_hand():
+    lo, scale = np.array([0.0, 1.0]), np.array([2.0, 2.0])
+    memory_raw = np.array([[[0, 1], [2, 3]], [[2, 1], [0, 1]], [[1, 2], [1, 2]]], dtype=np.float32)  # 3 windows, W=2
+    memory = torch.as_tensor((memory_raw - lo) / scale, dtype=torch.float32)
+    query = np.array([[[0, 1], [2, 2]], [[1, 1.5], [1, 2.5]]], dtype=np.float32)
+    for score_on in ("window", "last"):
+        nn_det = anoseqs.NearestNeighbourDetector(2, 2, 3, lo, scale, memory, score_on)
+        got = nn_det.score(torch.as_tensor(query)).numpy()
+        for q, g in zip(query, got):
+            a = (q - lo) / scale
+            b = (memory_raw - lo) / scale
+            if score_on == "last":
+                a, b = a[-1:], b[:, -1:]
+            dists = [np.sqrt(((a - m) ** 2).sum() / a.size) for m in b]
+            assert g == pytest.approx(min(dists), abs=1e-6)
+    # a window of the memory itself scores 0
+    nn_det = anoseqs.NearestNeighbourDetector(2, 2, 3, lo, scale, memory)
+    assert nn_det.score(torch.as_tensor(memory_raw[1:2])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_to_host_is_one_copy_of_several_tensors(monkeypatch):
+    calls = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: calls.append(1) or real_cpu(self, *a, **k))
+    a, r = torch.arange(6.0).view(3, 2), torch.tensor([0.5, -1.0, 2.0])
+    actions, rewards = anoseqs.to_host(a, r)
+    assert len(calls) == 1
+    assert actions.shape == (3, 2) and actions.tolist() == a.tolist() and rewards.tolist() == r.tolist()
+
+
+def test_warning_before_stage_3_when_the_detector_ranks_unsafe_below_safe(capsys):
+    anoseqs.warn_about_detector(0.41)
+    assert "WARNING" in capsys.readouterr().out
+    anoseqs.warn_about_detector(float("nan"))
+    assert "undefined" in capsys.readouterr().out
+    anoseqs.warn_about_detector(0.8)
+    assert capsys.readouterr().out == ""
+
+
+# --------------------------------------------------------------------------------------------------
+# run_td3 on a counting environment: what is recorded, stored and read back, step by step
+# --------------------------------------------------------------------------------------------------
+
+
+class CountingEnv:
+    """obs = (env index, episode number, step t in the episode); reward = 10 * index + t; cost depends on the
+    observation it comes with: 1 when (t + episode) % 3 == 0 (t > 0). Env 1 terminates at t = 4, all envs are
+    truncated at t = 6, so a run of two envs holds terminations, truncations and auto-resets."""
+
+    def __new__(cls, index: int):
+        import gymnasium as gym
+
+        class _Env(gym.Env):
+            observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float64)
+            action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+            def __init__(self):
+                self.index, self.episode, self.t = index, -1, 0
+                self.spec = gym.envs.registration.EnvSpec("Counting-v0", max_episode_steps=6)
+
+            def obs(self):
+                return np.array([self.index, self.episode, self.t], dtype=np.float64)
+
+            def reset(self, seed=None, options=None):
+                super().reset(seed=seed)
+                self.episode, self.t = self.episode + 1, 0
+                return self.obs(), {}
+
+            def step(self, action):
+                self.t += 1
+                cost = float((self.t + self.episode) % 3 == 0)
+                terminated = self.index == 1 and self.t == 4
+                return self.obs(), 10.0 * self.index + self.t, terminated, self.t == 6, {"cost": cost}
+
+        return _Env()
+
+
+def counting_cost(obs: np.ndarray) -> float:
+    return float(obs[2] > 0 and (obs[2] + obs[1]) % 3 == 0)
+
+
+@pytest.fixture
+def counting_envs(monkeypatch, tmp_path):
+    import gymnasium as gym
+
+    from common.envs import EpisodeStatistics, SafeVectorEnv
+
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+
+    def make(env_id, num_envs, seed, **kwargs):
+        return SafeVectorEnv(gym.vector.SyncVectorEnv([lambda i=i: EpisodeStatistics(CountingEnv(i)) for i in range(num_envs)]))
+
+    monkeypatch.setattr(anoseqs, "make_vector_env", make)
+    stored = []
+
+    class RecordingBuffer(anoseqs.ReplayBuffer):
+        def add(self, **rows):
+            stored.append({k: np.array(v, copy=True) for k, v in rows.items()})
+            super().add(**rows)
+
+    monkeypatch.setattr(anoseqs, "ReplayBuffer", RecordingBuffer)
+    return stored
+
+
+def tiny_args(**kw):
+    base = dict(num_envs=2, learning_starts=10, hidden_size=8, batch_size=4, buffer_size=1000, log_every=1000,
+                eval_episodes=0)
+    return anoseqs.Args(**{**base, **kw})
+
+
+def test_each_recorded_row_holds_the_cost_of_its_own_observation(counting_envs):
+    from common import Logger
+
+    args = tiny_args()
+    logger = Logger("record", args, quiet=True)
+    _, _, data = anoseqs.run_td3(args, "counting", 40, logger, torch.device("cpu"), seed=0, record=True)
+    logger.close()
+    obs, start = data["obs"], data["episode_start"]
+    first = start == np.arange(len(obs))
+    assert first.sum() >= 8  # 2 envs x 20 steps, episodes of 4 and 6 steps (the last unfinished ones included)
+    for i in range(len(obs)):
+        if first[i]:  # the reset observation: t = 0, no cost
+            assert obs[i, 2] == 0 and data["cost"][i] == 0 and not data["terminal"][i]
+        else:  # the same env and episode as the row before, one step later, with the cost that step gave
+            assert obs[i, :2].tolist() == obs[i - 1, :2].tolist() and obs[i, 2] == obs[i - 1, 2] + 1
+            assert data["cost"][i] == counting_cost(obs[i]), i
+            assert data["terminal"][i] == (obs[i, 0] == 1 and obs[i, 2] == 4)
+    assert data["terminal"].sum() >= 3 and (obs[:, 2] == 6).sum() >= 2  # terminations and truncations were recorded
+    # 40 steps / 2 envs: vector steps 1..5 (global steps <= 10) are the random warm-up: the 2 first reset rows,
+    # 2 x 5 step rows, and the reset row of env 1 after its termination at t = 4
+    assert data["warmup"].sum() == 2 + 10 + 1
+    assert not data["warmup"][(obs[:, 1] >= 2)].any()  # later episodes hold no warm-up row
+    assert all((obs[:, 0] == e).sum() == 20 + (first & (obs[:, 0] == e)).sum() for e in (0, 1))
+
+
+class ThreeStepDetector:
+    """A stand-in detector (W = 3) whose score tells which rows, in which order, make the window."""
+    window, obs_dim = 3, 3
+
+    def score(self, windows):  # rows oldest first: t_oldest, t_middle, t_newest
+        return 0.01 * windows[:, 0, 2] + 0.001 * windows[:, 1, 2] + 0.1 * windows[:, 2, 2] + 0.0001 * windows[:, 2, 1]
+
+
+def test_stored_reward_is_shaped_by_the_window_ending_at_the_next_observation(counting_envs):
+    """r' = r - lambda s 1[s > threshold], s the score of (s_{t-1}, s_t, s_{t+1}) left-padded with the episode's s_0,
+    for two envs with terminations, truncations and auto-resets."""
+    from common import Logger
+
+    stored = counting_envs
+    args = tiny_args(penalty_coef=2.0)
+    logger = Logger("shape", args, quiet=True)
+    anoseqs.run_td3(args, "counting", 60, logger, torch.device("cpu"), seed=0, method="anoseqs",
+                    detector=ThreeStepDetector(), threshold=0.25)
+    logger.close()
+    assert len(stored) == 30
+    flagged = 0
+    for rows in stored:
+        for nxt, reward, o in zip(rows["next_obs"], rows["reward"], rows["obs"]):
+            t, episode = nxt[2], nxt[1]
+            s = 0.01 * max(t - 2, 0) + 0.001 * max(t - 1, 0) + 0.1 * t + 0.0001 * episode
+            raw = 10 * nxt[0] + t
+            expected = raw - 2.0 * s * (s > 0.25)
+            flagged += s > 0.25
+            assert reward == pytest.approx(expected, abs=1e-5), (nxt, reward, expected)
+            assert o[2] == t - 1 and o[1] == episode  # the transition s_t -> s_{t+1} of one episode
+    assert 0 < flagged < 60
+
+
+def test_oracle_shaping_stores_the_reward_minus_the_true_cost(counting_envs):
+    from common import Logger
+
+    stored = counting_envs
+    args = tiny_args(cost_penalty_coef=0.5)
+    logger = Logger("oracle", args, quiet=True)
+    anoseqs.run_td3(args, "counting", 30, logger, torch.device("cpu"), seed=0, method="oracle-shaping")
+    logger.close()
+    for rows in stored:
+        for nxt, reward, cost in zip(rows["next_obs"], rows["reward"], rows["cost"]):
+            assert cost == counting_cost(nxt)
+            assert reward == pytest.approx(10 * nxt[0] + nxt[2] - 0.5 * cost)
+    assert sum(rows["cost"].sum() for rows in stored) > 0
+
+
+def test_scoring_timer_counts_the_device_time_not_only_the_host_call(monkeypatch):
+    """On a GPU the host queues the scoring kernels and returns; the device finishes later, and the stage used to
+    stop its timer before that (simulated here: each scoring leaves 20 ms of device work behind)."""
+    device_busy_until = [0.0]
+
+    class FakeEvent:  # a CUDA event on the simulated device: reached when the device has finished its queue
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = max(time.perf_counter(), device_busy_until[0])
+
+        def synchronize(self):
+            time.sleep(max(0.0, self.t - time.perf_counter()))
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    class QueuedDetector(ThreeStepDetector):
+        def score(self, windows):
+            device_busy_until[0] = max(time.perf_counter(), device_busy_until[0]) + 0.02  # 20 ms of kernels queued
+            return super().score(windows)
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    obs = np.zeros((2, 3))
+    scorer = anoseqs.WindowScorer(QueuedDetector(), 0.25, obs, 1.0, "proportional", torch.device("cpu"), 20)
+    scorer.timer.events = True  # as on a CUDA device
+    host = time.perf_counter()
+    for _ in range(5):
+        scorer.step(np.zeros(2), obs, obs, np.zeros(2, bool))
+    host = time.perf_counter() - host
+    total = scorer.timer.total()
+    assert total >= 5 * 0.02 * 0.99 and total > host  # the device's time is counted, not just the host's call
+    # and on the CPU (no events) the timer is the host's wall time around the scoring
+    cpu = anoseqs.ScoringTimer(torch.device("cpu"))
+    with cpu:
+        time.sleep(0.01)
+    assert cpu.total() >= 0.01
+
+
+SYNCS = ("cpu", "item", "__bool__", "__int__", "__float__", "tolist")
+
+
+def count_reads(monkeypatch) -> dict:
+    """Count the device->host reads (cpu, item, bool, int, float, tolist) made by anoseqs.py and common/."""
+    counts = dict.fromkeys(SYNCS, 0)
+    ours = (anoseqs.__file__, str(REPO / "common"))
+
+    def counted(name, real):
+        def wrapped(self, *a, **k):
+            if sys._getframe(1).f_code.co_filename.startswith(ours):
+                counts[name] += 1
+            return real(self, *a, **k)
+        return wrapped
+
+    for name in SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    return counts
+
+
+@pytest.mark.parametrize("method", ["anoseqs", "td3-lag"])
+def test_one_device_to_host_read_per_env_step(counting_envs, method):
+    """Each env step reads the device once (the action, with the shaped reward for AnoSeqs), as CleanRL; the NaN
+    check, the multiplier and the counters stay on the device until the log line. Runs of 60 and 120 steps with one
+    log line each must differ by exactly one read per extra vector step."""
+    from common import Logger
+
+    reads = []
+    for steps in (60, 120):
+        with pytest.MonkeyPatch.context() as mp:
+            counts = count_reads(mp)
+            args = tiny_args(log_every=10_000, learning_starts=20)
+            logger = Logger(f"reads{steps}", args, quiet=True)
+            detector = ThreeStepDetector() if method == "anoseqs" else None
+            anoseqs.run_td3(args, "counting", steps, logger, torch.device("cpu"), seed=0, method=method,
+                            detector=detector, threshold=0.25)
+            logger.close()
+            reads.append(dict(counts))
+    extra = {k: reads[1][k] - reads[0][k] for k in SYNCS}
+    assert extra == {**dict.fromkeys(SYNCS, 0), "cpu": 30}, reads
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,7 +464,9 @@ def test_autoencoder_learns_safe_sequences_and_separates_an_anomaly():
     (["--stage", "4"], "--stage must be one of all, 1, 2, 3"),
     (["--penalty-form", "square"], "--penalty-form must be one of proportional, binary"),
     (["--stage", "3"], "needs a trained detector"),
-    (["--lagrangian"], "pass --penalty-coef 0"),
+    (["--method", "ppo"], "--method must be one of anoseqs, td3, td3-lag, oracle-shaping"),
+    (["--method", "td3-lag", "--stage", "1"], "--method td3-lag does not use"),
+    (["--detector", "lstm"], "--detector must be one of autoencoder, nearest-neighbour"),
     (["--stage", "2", "--source-run", "nowhere"], "holds no source_data.npz"),
     (["--env-id", "SafetyPointGaol1"], "Closest valid ids: SafetyPointGoal1"),
     (["--noise-clip", "-0.5"], "--noise-clip must be >= 0"),
@@ -175,8 +496,10 @@ TINY = ["--env-id", "SafetyPointCircle1", "--num-envs", "2", "--source-timesteps
         "--detector-batch-size", "32", "--log-every", "400", "--eval-episodes", "1", "--no-cuda"]
 TD3_TAGS = {"charts/episodic_return", "charts/episodic_cost", "charts/episodic_length", "charts/cost_rate", "charts/SPS",
             "losses/qf1_loss", "losses/qf2_loss", "losses/actor_loss", "eval/episodic_return", "eval/episodic_cost"}
-DETECTOR_TAGS = {"detector/losses/detector_loss", "detector/losses/detector_heldout_loss",
-                 "detector/charts/anomaly_threshold", "detector/charts/detector_roc_auc"}
+DETECTOR_TAGS = {"detector/charts/anomaly_threshold", "detector/charts/detector_roc_auc",
+                 "detector/charts/detector_roc_auc_with_warmup"}
+AUTOENCODER_TAGS = {"detector/losses/detector_loss", "detector/losses/detector_heldout_loss",
+                    "detector/charts/nearest_neighbour_roc_auc", "detector/charts/nearest_neighbour_roc_auc_with_warmup"}
 SHAPING_TAGS = {"charts/penalised_fraction", "charts/anomaly_score_mean", "charts/scoring_time_fraction",
                 "charts/target_roc_auc", "charts/anomaly_threshold"}
 
@@ -192,11 +515,14 @@ def pipeline(tmp_path_factory):
 def test_smoke_pipeline_all_stages(pipeline):
     cwd, run, proc = pipeline
     scalars = read_scalars(run)
-    missing = (TD3_TAGS | DETECTOR_TAGS | SHAPING_TAGS | {"source/charts/cost_rate"}) - set(scalars)
+    missing = (TD3_TAGS | DETECTOR_TAGS | AUTOENCODER_TAGS | SHAPING_TAGS | {"source/charts/cost_rate"}) - set(scalars)
     assert not missing, f"missing tags: {sorted(missing)}"
     for name in ("source_data.npz", "detector.pt", "anoseqs.cleanrl_model"):
         assert (run / name).is_file(), name
-    assert "ROC AUC" in proc.stdout and "stage 3: AnoSeqs" in proc.stdout
+    assert "ROC AUC on held-out episodes" in proc.stdout and "stage 3: anoseqs in the target" in proc.stdout
+    # charts/cost_rate is written once per console line (every 400 steps and at the end), not at every env step
+    assert [s for s, _ in scalars["charts/cost_rate"]] == [400, 800, 1000]
+    assert [s for s, _ in scalars["source/charts/cost_rate"]] == [400, 800, 1000]
     frac = [v for _, v in scalars["charts/penalised_fraction"]]
     assert all(0.0 <= f <= 1.0 for f in frac)
     assert scalars["charts/cost_rate"][-1][0] == 1000  # the last step logged is the budget
@@ -206,22 +532,32 @@ def test_smoke_pipeline_all_stages(pipeline):
     with np.load(run / "source_data.npz") as f:
         assert f["obs"].shape == (1000 + 2, 28)  # 2 envs x (reset row + 500 steps); the empty new episodes dropped
         assert f["episode_start"].tolist().count(0) == 501
+        assert f["warmup"].sum() == 2 * (1 + 100)  # the reset rows and global steps <= 200 (100 vector steps)
 
 
 def test_smoke_stage2_then_stage3_reuse_artefacts(pipeline, tmp_path):
+    """Stage 2 alone (the nearest-neighbour detector, scoring the last state), then stage 3 alone from its
+    detector.pt, whose ROC AUC is then set below 0.5: stage 3 must warn before it starts."""
     _, run, _ = pipeline
-    run_script("anoseqs.py", *TINY, "--stage", "2", "--source-run", str(run), cwd=tmp_path)
+    run_script("anoseqs.py", *TINY, "--stage", "2", "--source-run", str(run), "--detector", "nearest-neighbour",
+               "--score-on", "last", cwd=tmp_path)
     (detector_run,) = run_dirs(tmp_path)
     assert (detector_run / "detector.pt").is_file()
     assert not (detector_run / "source_data.npz").exists()
     assert DETECTOR_TAGS <= set(read_scalars(detector_run))
+    ckpt = torch.load(detector_run / "detector.pt", weights_only=False)
+    assert ckpt["config"]["kind"] == "nearest-neighbour" and ckpt["config"]["score_on"] == "last"
+    ckpt["config"]["roc_auc_policy"] = 0.3
+    torch.save(ckpt, detector_run / "detector.pt")
     proc = run_script("anoseqs.py", *TINY, "--stage", "3", "--source-run", str(detector_run),
                       "--penalty-form", "binary", "--eval-episodes", "0", cwd=tmp_path)
     (target_run,) = [r for r in run_dirs(tmp_path) if r != detector_run]
     scalars = read_scalars(target_run)
     assert (TD3_TAGS - {"eval/episodic_return", "eval/episodic_cost"} | SHAPING_TAGS) <= set(scalars)
     assert not any(k.startswith(("source/", "detector/")) for k in scalars)
-    assert "detector from" in proc.stdout
+    assert "nearest-neighbour detector from" in proc.stdout and "score on the last" in proc.stdout
+    assert "WARNING: the detector's ROC AUC on held-out episodes is 0.300 < 0.5" in proc.stdout
+    assert proc.stdout.index("WARNING") < proc.stdout.index("stage 3: anoseqs in the target")
 
 
 def test_smoke_stage1_alone(tmp_path):
@@ -233,8 +569,8 @@ def test_smoke_stage1_alone(tmp_path):
     assert {"source/charts/episodic_return", "source/charts/cost_rate", "source/losses/actor_loss"} <= set(scalars)
 
 
-def test_smoke_baselines_td3_and_td3_lag(tmp_path):
-    run_script("anoseqs.py", *TINY, "--penalty-coef", "0", "--lagrangian", "--exp-name", "td3_lag", cwd=tmp_path)
+def test_smoke_baseline_td3_lag(tmp_path):
+    run_script("anoseqs.py", *TINY, "--method", "td3-lag", "--exp-name", "td3_lag", cwd=tmp_path)
     (run,) = run_dirs(tmp_path)
     scalars = read_scalars(run)
     assert (TD3_TAGS | {"charts/lagrange_multiplier", "losses/qc_loss"}) <= set(scalars)
@@ -249,20 +585,25 @@ def test_a_detector_file_that_is_no_detector_is_refused_clearly(tmp_path):
     (bad / "detector.pt").write_bytes(b"truncated")
     with pytest.raises(SystemExit, match="is not a detector saved by stage 2.*cannot read it"):
         anoseqs.load_detector(str(bad / "detector.pt"), torch.device("cpu"))
-    torch.save({"model": {}, "tau": 0.1}, bad / "detector.pt")  # no config
-    with pytest.raises(SystemExit, match="lacks the model, tau or config"):
+    torch.save({"model": {}, "tau": 0.1}, bad / "detector.pt")  # an older file: no threshold, no config
+    with pytest.raises(SystemExit, match="lacks the model, threshold or config"):
         anoseqs.load_detector(str(bad / "detector.pt"), torch.device("cpu"))
-    # a complete, matching file loads and scores like the saved model
-    model = anoseqs.TransformerAutoencoder(3, 4, 8, 2, 1, 4)
-    config = {"obs_dim": 3, "window_length": 4, "d_model": 8, "heads": 2, "layers": 1, "latent_dim": 4,
-              "source_env_id": "SafetyPointCircle1-v0"}
-    torch.save({"model": model.state_dict(), "tau": 0.25, "config": config}, tmp_path / "detector.pt")
-    loaded, tau, _ = anoseqs.load_detector(str(tmp_path / "detector.pt"), torch.device("cpu"))
+    # complete, matching files load and score like the saved models (both kinds)
+    model = anoseqs.TransformerAutoencoder(3, 4, 8, 2, 1, 4, score_on="last")
+    config = {"kind": "autoencoder", "obs_dim": 3, "window_length": 4, "d_model": 8, "heads": 2, "layers": 1,
+              "latent_dim": 4, "score_on": "last", "source_env_id": "SafetyPointCircle1-v0", "roc_auc_policy": 0.7}
+    torch.save({"model": model.state_dict(), "threshold": 0.25, "config": config}, tmp_path / "detector.pt")
+    loaded, threshold, _ = anoseqs.load_detector(str(tmp_path / "detector.pt"), torch.device("cpu"))
     x = torch.rand(5, 4, 3)
     model.eval()
-    assert tau == 0.25 and torch.allclose(anoseqs.anomaly_score(loaded, x), anoseqs.anomaly_score(model, x))
+    assert threshold == 0.25 and torch.allclose(loaded.score(x), model.score(x))
+    nn_det = anoseqs.NearestNeighbourDetector(3, 4, 6, np.zeros(3), np.ones(3), torch.rand(6, 4, 3))
+    nn_config = {**config, "kind": "nearest-neighbour", "memory_size": 6, "score_on": "window"}
+    torch.save({"model": nn_det.state_dict(), "threshold": 0.1, "config": nn_config}, tmp_path / "detector.pt")
+    loaded, _, _ = anoseqs.load_detector(str(tmp_path / "detector.pt"), torch.device("cpu"))
+    assert torch.allclose(loaded.score(x), nn_det.score(x))
     # weights that do not fit the config
-    torch.save({"model": model.state_dict(), "tau": 0.25, "config": {**config, "d_model": 16}}, bad / "detector.pt")
+    torch.save({"model": model.state_dict(), "threshold": 0.25, "config": {**config, "d_model": 16}}, bad / "detector.pt")
     with pytest.raises(SystemExit, match="do not match its config"):
         anoseqs.load_detector(str(bad / "detector.pt"), torch.device("cpu"))
     # as a user runs it
@@ -287,43 +628,3 @@ def test_sps_counts_only_the_stage_being_run(tmp_path, monkeypatch):
     logger.close()
     (sps,) = [v for _, v in read_scalars(tmp_path / "runs" / "sps")["charts/SPS"]]
     assert sps >= 1  # 40 steps / (1e6 s + run time) would log 0
-
-
-def test_env_steps_read_back_from_the_device_only_what_they_must(tmp_path, monkeypatch):
-    """Per step: the baselines move no reward to the device and back; AnoSeqs copies the shaped rewards once and
-    counts penalised steps on the device (no int() of a tensor per step, a host/device sync on a GPU)."""
-    from common import Logger
-
-    monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
-    args = anoseqs.Args(learning_starts=100, hidden_size=8, batch_size=8, buffer_size=500, log_every=1000,
-                        eval_episodes=0, window_length=4)
-    calls = {"cpu": 0}
-    real_cpu, real_int, real_item = torch.Tensor.cpu, torch.Tensor.__int__, torch.Tensor.item
-
-    def from_anoseqs():
-        return sys._getframe(2).f_code.co_filename == anoseqs.__file__
-
-    def cpu(self, *a, **k):
-        calls["cpu"] += from_anoseqs()
-        return real_cpu(self, *a, **k)
-
-    def no_sync(real):
-        def wrapped(self, *a, **k):
-            assert not from_anoseqs(), "a per-step read of a tensor in anoseqs.py"
-            return real(self, *a, **k)
-        return wrapped
-
-    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
-    monkeypatch.setattr(torch.Tensor, "__int__", no_sync(real_int))
-    monkeypatch.setattr(torch.Tensor, "item", no_sync(real_item))
-    logger = Logger("baseline", args, quiet=True)
-    anoseqs.run_td3(args, "SafetyPointCircle1", 60, logger, torch.device("cpu"), seed=0)  # random actions only
-    logger.close()
-    assert calls["cpu"] == 0
-    detector = anoseqs.TransformerAutoencoder(28, 4, 8, 2, 1, 4).eval()
-    logger = Logger("anoseqs", args, quiet=True)
-    anoseqs.run_td3(args, "SafetyPointCircle1", 60, logger, torch.device("cpu"), seed=0, detector=detector,
-                    tau_threshold=0.0)
-    logger.close()
-    assert calls["cpu"] == 60 + 2  # one per step, plus the scores at the log line and at the end
