@@ -1,19 +1,25 @@
-"""Benchmark: the Minecraft gridworld, 4 methods x N seeds, V(s0) and training violations (paper fig. 5).
+"""Benchmark: the Minecraft gridworld, 4 methods x N seeds, under the authors' configuration and ours (paper fig. 5).
 
-    nice -n 10 python benchmarks/psl_gridworld.py                      # defaults of psl.py, 10 seeds
-    nice -n 10 python benchmarks/psl_gridworld.py --authors-update     # the authors' Q update, for comparison
+    nice -n 10 python benchmarks/psl_gridworld.py --config ours       # psl.py defaults, 10 seeds
+    nice -n 10 python benchmarks/psl_gridworld.py --config authors    # their schedule, Q update and transfer average
+    nice -n 10 python benchmarks/psl_gridworld.py --config ours --methods baseline intrinsic-fear --extra \
+        "--baselines-guarded" --tag guarded --seeds 5                  # the other construction of the baselines
 
-Writes a markdown table to stdout and the figure docs/img/psl_gridworld[_authors].png.
+The authors' configuration (their minecraft.py): a fixed schedule of 1666 episodes per safeguard (`int(episode /
+1666)`, so their 4th and final safeguard gets 2 of the 5000 episodes), the Q update on the greedy action, and the
+eq. 7 average over the states 0..i-1 of the i-th safeguard. Ours: psl.py's defaults. Both run 32 episodes side by
+side (psl.py --num-envs 32). Prints a markdown table (mean +- std over seeds) and writes docs/img/psl_gridworld_<tag>.png
+and the raw numbers to docs/img/psl_gridworld_<tag>.json.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tyro
@@ -21,19 +27,38 @@ import tyro
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import psl  # noqa: E402
 
+CONFIGS = {
+    "ours": {},
+    "authors": {"progression": "fixed", "stage_episodes": 1666, "authors_update": True, "transfer": "authors"},
+}
+
 
 @dataclass
 class Bench:
+    config: str = "ours"
+    """ours (psl.py defaults) or authors (their schedule, update and transfer average)"""
     seeds: int = 10
-    """number of seeds per method"""
-    authors_update: bool = False
-    """pass --authors-update to psl.py (the authors' Q-update on the greedy action)"""
-    num_envs: int = 32
-    """psl.py --num-envs"""
-    progression: str = "converge"
-    """psl.py --progression"""
-    out: str = "docs/img/psl_gridworld.png"
-    """figure path (the suffix _authors is added with --authors-update)"""
+    """number of seeds per method (1..seeds)"""
+    methods: list[str] = field(default_factory=lambda: list(psl.METHODS))
+    """methods to run"""
+    extra: str = ""
+    """extra psl.Args fields as flag=value pairs, space separated, e.g. "--baselines-guarded --num-envs 1" """
+    tag: str = ""
+    """name of the outputs (default: the config)"""
+
+
+def parse_extra(extra: str) -> dict:
+    out, words = {}, extra.split()
+    for k, w in enumerate(words):
+        if w.startswith("--"):
+            name = w[2:].replace("-", "_")
+            nxt = words[k + 1] if k + 1 < len(words) else "--"
+            if nxt.startswith("--"):
+                out[name] = True
+            else:
+                field_type = type(getattr(psl.Args(), name))
+                out[name] = field_type(nxt)
+    return out
 
 
 def main(b: Bench) -> None:
@@ -42,46 +67,68 @@ def main(b: Bench) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = {}
-    root = tempfile.mkdtemp(prefix="psl_bench_")
-    for method in psl.METHODS:
+    tag = b.tag or b.config
+    overrides = {**CONFIGS[b.config], **parse_extra(b.extra)}
+    results, root = {}, tempfile.mkdtemp(prefix="psl_bench_")
+    for method in b.methods:
         for seed in range(1, b.seeds + 1):
-            args = psl.Args(method=method, seed=seed, authors_update=b.authors_update, num_envs=b.num_envs,
-                            progression=b.progression)  # fmt: skip
+            args = psl.Args(method=method, seed=seed, **overrides)
+            psl.check_args(args)
             psl.seed_everything(seed)
-            logger = psl.Logger(f"{method}_{seed}", args, root=root, quiet=True)
+            logger = psl.Logger(f"{method}_{seed}", args, root=root, quiet=True, total_steps=0)
             t0 = time.time()
             r = psl.run_gridworld(args, logger)
             logger.close()
             r["wall"] = time.time() - t0
             results.setdefault(method, []).append(r)
-    print(f"\n| method | V(s0) final | V(s0) mean over the last 500 episodes | training violations | "
-          f"test success | wall s per run |\n|---|---|---|---|---|---|")
-    for method, rs in results.items():
-        f = lambda xs: f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"  # noqa: E731
-        print(f"| {method} | {f([r['V_s0'] for r in rs])} | {f([r['V_s0_curve'][-500:].mean() for r in rs])} | "
-              f"{np.mean([r['training_violations'] for r in rs]):.0f} ± {np.std([r['training_violations'] for r in rs]):.0f} | "
-              f"{100 * np.mean([r['test_success'] for r in rs]):.1f}% | {np.mean([r['wall'] for r in rs]):.1f} |")
+            print(f"{method} seed {seed}: violations {r['training_violations']} steps {r['violation_steps']} "
+                  f"P(safe) {r['safety_probability']:.4f} switches {r['switches']} {r['wall']:.0f} s", flush=True)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    def f(xs, d=3):
+        return f"{np.mean(xs):.{d}f} ± {np.std(xs):.{d}f}"
+
+    print(f"\nconfig {b.config}, overrides {overrides}, seeds 1-{b.seeds}\n")
+    print("| method | training violations (episodes, common metric) | violating steps | violations of the safeguard "
+          "in force | P(safe) of the greedy policy (exact) | test success (100 episodes) | V(s0) | U(s0) | "
+          "safeguard switches (episode) | wall s |\n|---|---|---|---|---|---|---|---|---|---|")
+    raw = {}
     for method, rs in results.items():
-        n = min(len(r["V_s0_curve"]) for r in rs)
-        v = np.stack([np.convolve(r["V_s0_curve"][:n], np.ones(50) / 50, mode="valid") for r in rs])
-        axes[0].plot(v.mean(0), label=method)
-        axes[0].fill_between(np.arange(v.shape[1]), v.mean(0) - v.std(0), v.mean(0) + v.std(0), alpha=0.2)
-        n = min(len(r["violation_curve"]) for r in rs)
-        c = np.stack([r["violation_curve"][:n] for r in rs])
-        axes[1].plot(c.mean(0), label=method)
-        axes[1].fill_between(np.arange(n), c.mean(0) - c.std(0), c.mean(0) + c.std(0), alpha=0.2)
-    title = "authors' Q update" if b.authors_update else "Q-learning on the executed action"
-    axes[0].set(xlabel="episode", ylabel="V(s0) (50-episode moving average)", title=f"V(s0), {title}")
-    axes[1].set(xlabel="episode", ylabel="cumulative training violations", title=f"{b.seeds} seeds, mean ± std")
+        sw = np.array([r["switches"] for r in rs]) if rs[0]["switches"] else None
+        sw_txt = " / ".join(f"{m:.0f}" for m in sw.mean(0)) if sw is not None and sw.ndim == 2 else "-"
+        print(f"| {method} | {f([r['training_violations'] for r in rs], 0)} | {f([r['violation_steps'] for r in rs], 0)} "
+              f"| {f([r['safeguard_violations'] for r in rs], 0)} | {f([r['safety_probability'] for r in rs])} | "
+              f"{100 * np.mean([r['test_success'] for r in rs]):.1f}% | {f([r['V_s0'] for r in rs])} | "
+              f"{f([r['U_s0'] for r in rs])} | {sw_txt} | {np.mean([r['wall'] for r in rs]):.0f} |")
+        raw[method] = [{k: (v if not isinstance(v, (np.floating, np.integer)) else v.item()) for k, v in r.items()
+                        if k not in ("Q", "curves")} for r in rs]  # fmt: skip
+    print(f"\noptimal P(safe) (value iteration, layout known): {results[b.methods[0]][0]['optimal_safety_probability']:.6f}")
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    for method, rs in results.items():
+        n = min(len(r["curves"]["violations"]) for r in rs)
+        c = np.stack([r["curves"]["violations"][:n] for r in rs])
+        axes[0].plot(c.mean(0), label=method)
+        axes[0].fill_between(np.arange(n), c.mean(0) - c.std(0), c.mean(0) + c.std(0), alpha=0.2)
+        p = np.stack([r["curves"]["safety_probability"] for r in rs])  # (seeds, evals, 2)
+        axes[1].plot(p[0, :, 0], p[:, :, 1].mean(0), marker="o", label=method)
+        axes[1].fill_between(p[0, :, 0], p[:, :, 1].mean(0) - p[:, :, 1].std(0), p[:, :, 1].mean(0) + p[:, :, 1].std(0),
+                             alpha=0.2)  # fmt: skip
+        n = min(len(r["curves"]["U_s0"]) for r in rs)
+        u = np.stack([np.convolve(r["curves"]["U_s0"][:n], np.ones(150) / 150, mode="valid") for r in rs])
+        axes[2].plot(u.mean(0), label=method)
+    axes[0].set(xlabel="episode", ylabel="cumulative training violations (final safeguard)",
+                title=f"{tag}: violations, {b.seeds} seeds, mean ± std")  # fmt: skip
+    axes[1].set(xlabel="episode", ylabel="P(greedy policy satisfies the final safeguard, 1000 steps)",
+                title="exact safety probability", ylim=(-0.02, 1.02))  # fmt: skip
+    axes[2].set(xlabel="episode started", ylabel="U(s0), 150-episode moving average",
+                title="the authors' pessimistic value at s0")  # fmt: skip
     axes[0].legend()
-    out = b.out.replace(".png", "_authors.png") if b.authors_update else b.out
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    print(f"figure: {out}")
-    print("args:", dataclasses.asdict(b))
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "img", f"psl_gridworld_{tag}")
+    fig.savefig(out + ".png", dpi=80)
+    with open(out + ".json", "w") as fh:
+        json.dump({"config": b.config, "overrides": overrides, "results": raw}, fh, indent=1)
+    print(f"figure: docs/img/psl_gridworld_{tag}.png")
 
 
 if __name__ == "__main__":
