@@ -172,18 +172,18 @@ class Args:
     """vizdoom: discount factor"""
     gae_lambda: float = 0.95
     """vizdoom: GAE lambda"""
-    num_minibatches: int = 4
-    """vizdoom: PPO minibatches per epoch"""
-    update_epochs: int = 4
-    """vizdoom: PPO epochs per rollout"""
+    num_minibatches: int = 1
+    """vizdoom: PPO minibatches per epoch (the authors' APPO: one batch of 1024 transitions per update)"""
+    update_epochs: int = 1
+    """vizdoom: PPO epochs per rollout (the authors' APPO: 1)"""
     clip_coef: float = 0.1
     """vizdoom: PPO clip (paper: 0.1)"""
     ent_coef: float = 0.01
     """vizdoom: entropy bonus"""
     vf_coef: float = 0.5
     """vizdoom: value loss weight"""
-    max_grad_norm: float = 0.5
-    """vizdoom: gradient clipping"""
+    max_grad_norm: float = 4.0
+    """vizdoom: gradient clipping (the authors' APPO: 4)"""
     torch_threads: int = 1
     """vizdoom: CPU threads for torch (1 avoids oversubscribing a small CPU beside the Doom games)"""
     hidden_size: int = 512

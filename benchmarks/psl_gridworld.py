@@ -1,9 +1,9 @@
 """Benchmark: the Minecraft gridworld, 4 methods x N seeds, under the authors' configuration and ours (paper fig. 5).
 
-    nice -n 10 python benchmarks/psl_gridworld.py --config ours       # psl.py defaults, 10 seeds
-    nice -n 10 python benchmarks/psl_gridworld.py --config authors    # their schedule, Q update and transfer average
-    nice -n 10 python benchmarks/psl_gridworld.py --config ours --methods baseline intrinsic-fear --extra \
-        "--baselines-guarded" --tag guarded --seeds 5                  # the other construction of the baselines
+    nice -n 10 python benchmarks/psl_gridworld.py --config ours --seeds 10 --baseline-seeds 3    # psl.py defaults
+    nice -n 10 python benchmarks/psl_gridworld.py --config authors --seeds 5 --baseline-seeds 3  # their code's set-up
+    nice -n 10 python benchmarks/psl_gridworld.py --config ours --methods intrinsic-fear baseline \
+        --extra="--baselines-guarded" --tag guarded --seeds 3          # the other construction of the baselines
 
 The authors' configuration (their minecraft.py): a fixed schedule of 1666 episodes per safeguard (`int(episode /
 1666)`, so their 4th and final safeguard gets 2 of the 5000 episodes), the Q update on the greedy action, and the
@@ -39,12 +39,16 @@ class Bench:
     """ours (psl.py defaults) or authors (their schedule, update and transfer average)"""
     seeds: int = 10
     """number of seeds per method (1..seeds)"""
+    baseline_seeds: int = 0
+    """seeds for baseline and intrinsic-fear (0 = --seeds); their results are far apart from the others'"""
     methods: list[str] = field(default_factory=lambda: list(psl.METHODS))
     """methods to run"""
     extra: str = ""
     """extra psl.Args fields as flag=value pairs, space separated, e.g. "--baselines-guarded --num-envs 1" """
     tag: str = ""
     """name of the outputs (default: the config)"""
+    cache: str = "/tmp/psl_gridworld_{tag}.jsonl"
+    """finished runs are appended here and not run again (delete it to start over)"""
 
 
 def parse_extra(extra: str) -> dict:
@@ -69,28 +73,48 @@ def main(b: Bench) -> None:
 
     tag = b.tag or b.config
     overrides = {**CONFIGS[b.config], **parse_extra(b.extra)}
+    cache = b.cache.format(tag=tag)
+    done = {}
+    if os.path.exists(cache):
+        with open(cache) as fh:
+            for line in fh:
+                r = json.loads(line)
+                if r["overrides"] == overrides:
+                    done[(r["method"], r["seed"])] = r
     results, root = {}, tempfile.mkdtemp(prefix="psl_bench_")
     for method in b.methods:
-        for seed in range(1, b.seeds + 1):
-            args = psl.Args(method=method, seed=seed, **overrides)
-            psl.check_args(args)
-            psl.seed_everything(seed)
-            logger = psl.Logger(f"{method}_{seed}", args, root=root, quiet=True, total_steps=0)
-            t0 = time.time()
-            r = psl.run_gridworld(args, logger)
-            logger.close()
-            r["wall"] = time.time() - t0
+        seeds = b.baseline_seeds if method in ("baseline", "intrinsic-fear") and b.baseline_seeds else b.seeds
+        for seed in range(1, seeds + 1):
+            if (method, seed) not in done:
+                args = psl.Args(method=method, seed=seed, **overrides)
+                psl.check_args(args)
+                psl.seed_everything(seed)
+                logger = psl.Logger(f"{method}_{seed}", args, root=root, quiet=True, total_steps=0)
+                t0, c0 = time.time(), time.process_time()
+                r = psl.run_gridworld(args, logger)
+                logger.close()
+                r = {k: v for k, v in r.items() if k != "Q"}
+                r["curves"] = {k: v.tolist() for k, v in r["curves"].items()}
+                r.update(wall=time.time() - t0, cpu=time.process_time() - c0, method=method, seed=seed,
+                         overrides=overrides)  # fmt: skip
+                with open(cache, "a") as fh:
+                    fh.write(json.dumps(r) + "\n")
+                done[(method, seed)] = r
+            r = done[(method, seed)]
+            r["curves"] = {k: np.array(v) for k, v in r["curves"].items()}
             results.setdefault(method, []).append(r)
             print(f"{method} seed {seed}: violations {r['training_violations']} steps {r['violation_steps']} "
-                  f"P(safe) {r['safety_probability']:.4f} switches {r['switches']} {r['wall']:.0f} s", flush=True)
+                  f"P(safe) {r['safety_probability']:.4f} switches {r['switches']} {r['wall']:.0f} s "
+                  f"(cpu {r['cpu']:.0f} s)", flush=True)
 
     def f(xs, d=3):
         return f"{np.mean(xs):.{d}f} ± {np.std(xs):.{d}f}"
 
-    print(f"\nconfig {b.config}, overrides {overrides}, seeds 1-{b.seeds}\n")
+    print(f"\nconfig {b.config}, overrides {overrides}, seeds 1-{b.seeds} (baseline, intrinsic-fear: 1-"
+          f"{b.baseline_seeds or b.seeds})\n")
     print("| method | training violations (episodes, common metric) | violating steps | violations of the safeguard "
           "in force | P(safe) of the greedy policy (exact) | test success (100 episodes) | V(s0) | U(s0) | "
-          "safeguard switches (episode) | wall s |\n|---|---|---|---|---|---|---|---|---|---|")
+          "safeguard switches (episode) | wall s | CPU s |\n|---|---|---|---|---|---|---|---|---|---|---|")
     raw = {}
     for method, rs in results.items():
         sw = np.array([r["switches"] for r in rs]) if rs[0]["switches"] else None
@@ -98,9 +122,9 @@ def main(b: Bench) -> None:
         print(f"| {method} | {f([r['training_violations'] for r in rs], 0)} | {f([r['violation_steps'] for r in rs], 0)} "
               f"| {f([r['safeguard_violations'] for r in rs], 0)} | {f([r['safety_probability'] for r in rs])} | "
               f"{100 * np.mean([r['test_success'] for r in rs]):.1f}% | {f([r['V_s0'] for r in rs])} | "
-              f"{f([r['U_s0'] for r in rs])} | {sw_txt} | {np.mean([r['wall'] for r in rs]):.0f} |")
-        raw[method] = [{k: (v if not isinstance(v, (np.floating, np.integer)) else v.item()) for k, v in r.items()
-                        if k not in ("Q", "curves")} for r in rs]  # fmt: skip
+              f"{f([r['U_s0'] for r in rs])} | {sw_txt} | {np.mean([r['wall'] for r in rs]):.0f} | "
+              f"{np.mean([r['cpu'] for r in rs]):.0f} |")
+        raw[method] = [{k: v for k, v in r.items() if k not in ("curves", "overrides")} for r in rs]
     print(f"\noptimal P(safe) (value iteration, layout known): {results[b.methods[0]][0]['optimal_safety_probability']:.6f}")
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
@@ -117,7 +141,7 @@ def main(b: Bench) -> None:
         u = np.stack([np.convolve(r["curves"]["U_s0"][:n], np.ones(150) / 150, mode="valid") for r in rs])
         axes[2].plot(u.mean(0), label=method)
     axes[0].set(xlabel="episode", ylabel="cumulative training violations (final safeguard)",
-                title=f"{tag}: violations, {b.seeds} seeds, mean ± std")  # fmt: skip
+                title=f"{tag}: violations, mean ± std over seeds")  # fmt: skip
     axes[1].set(xlabel="episode", ylabel="P(greedy policy satisfies the final safeguard, 1000 steps)",
                 title="exact safety probability", ylim=(-0.02, 1.02))  # fmt: skip
     axes[2].set(xlabel="episode started", ylabel="U(s0), 150-episode moving average",
