@@ -585,7 +585,7 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
                 np.add.at(fear.danger, (cells[:, 0], cells[:, 1]), 1)
                 recent_len[i] = 0
 
-        sg_state = np.where(sg_violated, sg_state, next_sg_state)
+        sg_state = np.where(next_sg_state < 0, sg_state, next_sg_state)  # (an unguarded agent's safeguard is unused)
         ep_ret += reward
         ep_len += 1
         ep_viol_steps += violation
@@ -855,6 +855,7 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
     for iteration in range(1, num_iterations + 1):
         if progression.advance(global_step):  # next safeguard: the same weights, a fresh optimizer, new episodes
             optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+            violations += int(ep_seen.sum())  # the episodes cut here keep their violations (they are not logged)
             obs, prev_gv = env.reset()
             next_obs = torch.as_tensor(obs, device=device)
             sg_state, first[:], ep_ret[:], ep_len[:], ep_game[:], ep_seen[:] = [INITIAL] * n, True, 0.0, 0, 0.0, False
@@ -977,6 +978,7 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
         logger.scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         logger.console(global_step, f"safeguard={progression.safeguard} violations={violations} "
                                     f"(steps {violation_steps}, safeguard {sg_violations})")  # fmt: skip
+    violations += int(ep_seen.sum())  # the episodes still running at the end keep their violations too
     train_seconds = time.time() - logger.start_time
     env.close()
 

@@ -126,6 +126,15 @@ def main(b: Bench) -> None:
               f"{np.mean([r['cpu'] for r in rs]):.0f} |")
         raw[method] = [{k: v for k, v in r.items() if k not in ("curves", "overrides")} for r in rs]
     print(f"\noptimal P(safe) (value iteration, layout known): {results[b.methods[0]][0]['optimal_safety_probability']:.6f}")
+    # when the violations happen: per 100 episodes, early in training and after
+    cuts = [0, 250, 1000, 1666, 3332, 4998]
+    print("\n| method | " + " | ".join(f"episodes {a}-{c}" for a, c in zip(cuts, cuts[1:])) +
+          " |\n|---|" + "---|" * (len(cuts) - 1) + "\n", end="")  # fmt: skip
+    for method, rs in results.items():
+        per = [[(r["curves"]["violations"][c - 1] - (r["curves"]["violations"][a - 1] if a else 0)) * 100 / (c - a)
+                for a, c in zip(cuts, cuts[1:])] for r in rs]  # fmt: skip
+        print(f"| {method} | " + " | ".join(f"{m:.1f}" for m in np.mean(per, 0)) + " |")
+    print("(violations per 100 episodes, common metric, mean over seeds)")
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for method, rs in results.items():
