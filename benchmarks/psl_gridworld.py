@@ -135,6 +135,16 @@ def main(b: Bench) -> None:
                 for a, c in zip(cuts, cuts[1:])] for r in rs]  # fmt: skip
         print(f"| {method} | " + " | ".join(f"{m:.1f}" for m in np.mean(per, 0)) + " |")
     print("(violations per 100 episodes, common metric, mean over seeds)")
+    for method, rs in results.items():  # how fast the authors' measures saturate
+        first = [int(np.argmax(r["curves"]["V_s0"] >= 0.99)) for r in rs]
+        print(f"{method}: V(s0) >= 0.99 from episode start {min(first)}-{max(first)} on; mean U(s0) over episodes "
+              f"1000-5000: {np.mean([r['curves']['U_s0'][1000:].mean() for r in rs]):.4f}")
+    if "psl" in results and "zero-shot" in results:  # paired by seed
+        k = min(len(results["psl"]), len(results["zero-shot"]))
+        for key in ("training_violations", "safety_probability"):
+            d = np.array([results["psl"][i][key] - results["zero-shot"][i][key] for i in range(k)])
+            print(f"psl - zero-shot, {key}, paired over seeds 1-{k}: {d.mean():.3f} ± {d.std(ddof=1) / np.sqrt(k):.3f} "
+                  f"(standard error); psl lower in {int((d < 0).sum())} of {k} seeds")
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for method, rs in results.items():
