@@ -14,28 +14,41 @@ its ancestor safeguard states (eq. 7), a network agent continues from the previo
 
 Two environments, one flag (`--env-id minecraft|vizdoom`), four methods (`--method psl|zero-shot|
 intrinsic-fear|baseline`):
-- minecraft: the authors' 10x10 slippery gridworld, tabular Q-learning, five safeguards (paper fig. 4a-4e).
-- vizdoom: a map generated here as UDMF text in a PWAD (lava, armor, plasma gun, a door, a Baron of Hell),
-  a synchronous PPO on RGB frames (CNN + frame stack), the three Doom safeguards of the paper.
+- minecraft: the authors' 10x10 slippery gridworld, tabular Q-learning, the authors' four safeguards
+  (`minecraft_1` = paper fig. 4a and 4b together, `_2` = 4c, `_6` = 4d, `_7` = 4e, the final one).
+- vizdoom: a map generated as UDMF text (common/doom.py: lava, armor, plasma gun, a door, a Baron of Hell),
+  a synchronous PPO on RGB frames (CNN + frame stack), games in worker processes, the three Doom safeguards.
+
+Every method is scored with one violation metric per domain, whatever safeguard it trains under: the final
+safeguard run as a monitor (gridworld) and the authors' fixed checks "in lava without armor", "in the boss area
+without the weapon" (ViZDoom), per episode and per step. Standard RL and intrinsic fear have no safeguard by
+default in both domains (the environment's reward, no stop at a violation), as the authors' ViZDoom runs.
 
 Paper -> code:
 - def. 8-9 (safeguard, rejecting sink)  -> `Safeguard` (a table of rules), `SINK`
-- def. 10 (product state)               -> `ProductSpace` (global ids of safeguard states); `q` beside `pos`
+- def. 10 (product state)               -> `ProductSpace` (global ids of safeguard states); `sg_state` beside `pos`
+- eq. 4 (a run is unsafe once in the sink) -> `sg_violated`; the common metric: `monitor` / `doom_checks()`
 - eq. 5 (safeguard-shaped reward)       -> `shaped_reward()`
-- eq. 7 (safety-bias transfer)          -> `bias_transfer()`, `Safeguard.ancestors()`
-- progression (V(s0) has converged)     -> `has_converged()`; `--progression fixed` = the authors' budget
+- eq. 7 (safety-bias transfer)          -> `bias_transfer()`, `transfer_sources()`, `Safeguard.ancestors()`
+- the progression (Algorithm 1)         -> `Progression`: a fixed budget per safeguard, or earlier once the values of
+                                           the product states the safeguard adds have settled
 - Lipton et al. 2016 intrinsic fear     -> `FearTable` (tabular), `FearNet` (pixels)
+- def. 13 (probability of staying safe) -> `safety_probability()`: exact, on the gridworld's product MDP
 - Algorithm 1 (PSL with a learner)      -> `run_gridworld()` / `run_vizdoom()`
 
 Deviations (see docs/psl.md for the reasons and the full list):
-- Q-learning updates the EXECUTED action (the authors' code updates the greedy one under exploration).
+- Q-learning updates the EXECUTED action (the authors' code updates the greedy one; `--authors-update`).
 - The gridworld runs `--num-envs` episodes side by side; each batch of updates reads one Q snapshot
   (`--num-envs 1` is plain sequential Q-learning).
-- The fifth gridworld safeguard is reconstructed (the code has four): both branches of safeguard 4 joined.
-- `--progression converge` also ends a safeguard at the latest at the fixed schedule's boundary.
-- Gridworld baseline and intrinsic fear learn on the MDP state only and get the final safeguard's signal
-  (the MDP has no task reward); tabular intrinsic fear uses counts as its classifier.
-- ViZDoom: synchronous PPO with a frame stack instead of APPO + GRU (sample-factory); tiny CPU budgets.
+- eq. 7 averages the visited ancestors of the new safeguard state (`--transfer authors`: states 0..i-1 of the
+  i-th safeguard, as their code, which includes siblings).
+- `--progression converge` (default) ends a safeguard once the values of its new product states have settled, at
+  the latest at the fixed budget; the paper's "V(s0) has converged" cannot tell the safeguards apart (V(s0) is the
+  value of (s0, initial state), the same in all of them).
+- ViZDoom: synchronous PPO with a frame stack instead of APPO + GRU (sample-factory); 80x60 RGB instead of 128x72;
+  one categorical over the authors' 54 button combinations instead of four independent heads; small CPU budgets.
+- Intrinsic fear follows Lipton et al. (a classifier of "within k_r steps of a catastrophe"); the authors'
+  doom_gym.py has a fixed penalty for k steps after the health rises instead. Catastrophe = the common metric.
 - The LLM fine-tuning domain of the paper is out of scope.
 """
 
@@ -54,6 +67,8 @@ import torch.nn.functional as F
 import tyro
 
 from common import Logger, check_choice, check_finite, check_positive, get_device, layer_init, seed_everything
+from common.doom import ACTIONS as DOOM_ACTIONS
+from common.doom import DOOR_Y, LAVA_Y, MAP_WIDTH, DoomVecEnv, write_wad
 
 
 @dataclass
@@ -77,11 +92,16 @@ class Args:
     method: str = "psl"
     """psl (progression + bias transfer), zero-shot (final safeguard only), intrinsic-fear, or baseline"""
     progression: str = "converge"
-    """when to move to the next safeguard: converge (V(s0) converged, the paper) or fixed (equal budgets, the code)"""
+    """when PSL moves on: converge (the values of the new safeguard's own product states have settled, at the
+    latest at the fixed budget) or fixed (the budget only, as the authors' code)"""
     converge_window: int = 100
-    """episodes per window of the convergence rule: |mean(last window) - mean(window before)| < converge_tol"""
+    """converge: values recorded per window (gridworld: episodes; vizdoom: rollouts); settled when the means of the
+    last two windows differ by less than --converge-tol"""
     converge_tol: float = 0.01
-    """tolerance of the convergence rule on V(s0)"""
+    """converge: tolerance on the new product states' mean value"""
+    baselines_guarded: bool = False
+    """baseline and intrinsic fear also get the final safeguard: its penalty, and the episode ends at its first
+    violation (on the MDP state only). Off: standard RL on the environment's reward, as the authors' ViZDoom runs"""
     penalty: float = 0.1
     """p of eq. 5: the penalty for entering the rejecting sink (gridworld: 0.1 as the authors' code)"""
     fear_radius: int = 5
@@ -91,11 +111,14 @@ class Args:
     fear_phase_in: float = 0.2
     """intrinsic fear: fraction of the training budget over which lambda grows linearly from 0"""
     eval_episodes: int = 100
-    """gridworld: greedy test episodes under the final safeguard after training"""
+    """gridworld: greedy test episodes under the final safeguard after training (the authors' test)"""
 
     # Gridworld (tabular Q-learning)
     total_episodes: int = 5000
     """gridworld: training episodes over the whole progression"""
+    stage_episodes: int = 0
+    """gridworld: the fixed budget of each safeguard but the last, in episodes (0 = an equal share of
+    --total-episodes; the authors' code uses 1666, which leaves 2 of 5000 episodes to its 4th safeguard)"""
     max_episode_steps: int = 1000
     """gridworld: at most this many steps per episode"""
     num_envs: int = 32
@@ -110,27 +133,35 @@ class Args:
     """gridworld: probability that the action is replaced by a random one"""
     accept_reward: float = 0.1
     """gridworld: reward of eq. 5 for each step that ends in an accepting (non-sink) safeguard state"""
+    transfer: str = "ancestors"
+    """eq. 7: average over the visited ancestors of the new state (ancestors, the paper) or over the states
+    0..i-1 of the i-th safeguard (authors, their code)"""
     transfer_factor: float = 1.0
-    """eq. 7: bias-transfer factor (1 = plain average of the ancestors' values, as the authors' code)"""
+    """eq. 7: bias-transfer factor (1 = plain average, as the authors' code)"""
     transfer_depth: int = 4
     """eq. 7: k, how many parent steps towards the initial state the ancestors are collected"""
     authors_update: bool = False
     """gridworld: reproduce the authors' code, which updates the GREEDY action when a random one was executed
     (a bug, for comparison only; off = correct Q-learning)"""
+    exact_eval_every: int = 500
+    """gridworld: every this many episodes, compute exactly the probability that the greedy policy satisfies the
+    final safeguard for --max-episode-steps steps (charts/safety_probability; 0 = only at the end)"""
 
     # ViZDoom (synchronous PPO on RGB frames)
     total_timesteps: int = 100_000
     """vizdoom: total agent steps (each repeats the action doom_frame_skip frames)"""
     doom_stage_fractions: tuple[float, float] = (0.0625, 0.375)
-    """vizdoom, fixed progression: end of safeguards 0 and 1 as fractions of the budget (paper: 2.5M, 15M of 40M)"""
+    """vizdoom: end of safeguards 0 and 1 as fractions of the budget (the authors: 2.5M and 15M of 40M frames)"""
     doom_eval_episodes: int = 8
     """vizdoom: evaluation episodes under the final safeguard after training"""
     doom_penalty: float = 1.0
-    """vizdoom: p of eq. 5 (paper tried 0, 0.5, 1)"""
+    """vizdoom: p of eq. 5 (the authors ran PSL with 0, 0.5 and 1, zero-shot with 0)"""
     doom_frame_skip: int = 4
     """vizdoom: frames per agent step"""
-    doom_episode_tics: int = 1400
-    """vizdoom: episode timeout in game tics (35 per second)"""
+    doom_episode_tics: int = 4200
+    """vizdoom: episode timeout in game tics (35 per second; the authors' safe_rl.cfg: 4200)"""
+    doom_workers: int = -1
+    """vizdoom: worker processes for the games (-1 = one per CPU core, at most --num-envs; 0 = this process)"""
     frame_stack: int = 2
     """vizdoom: RGB frames stacked as the observation"""
     learning_rate: float = 1e-4
@@ -141,18 +172,18 @@ class Args:
     """vizdoom: discount factor"""
     gae_lambda: float = 0.95
     """vizdoom: GAE lambda"""
-    num_minibatches: int = 4
-    """vizdoom: PPO minibatches per epoch"""
-    update_epochs: int = 4
-    """vizdoom: PPO epochs per rollout"""
+    num_minibatches: int = 1
+    """vizdoom: PPO minibatches per epoch (the authors' APPO: one batch of 1024 transitions per update)"""
+    update_epochs: int = 1
+    """vizdoom: PPO epochs per rollout (the authors' APPO: 1)"""
     clip_coef: float = 0.1
     """vizdoom: PPO clip (paper: 0.1)"""
     ent_coef: float = 0.01
     """vizdoom: entropy bonus"""
     vf_coef: float = 0.5
     """vizdoom: value loss weight"""
-    max_grad_norm: float = 0.5
-    """vizdoom: gradient clipping"""
+    max_grad_norm: float = 4.0
+    """vizdoom: gradient clipping (the authors' APPO: 4)"""
     torch_threads: int = 1
     """vizdoom: CPU threads for torch (1 avoids oversubscribing a small CPU beside the Doom games)"""
     hidden_size: int = 512
@@ -160,7 +191,7 @@ class Args:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Safeguards (def. 8-10)
+# Safeguards (def. 8-10), the shaped reward (eq. 5), bias transfer (eq. 7) and the progression
 # ------------------------------------------------------------------------------------------------------
 SINK = "sink"  # def. 9: the rejecting sink; entering it is a safety violation and it is never left
 INITIAL = "start"
@@ -214,10 +245,12 @@ class Safeguard:
 
 
 class ProductSpace:
-    """The explicit product (def. 10): every safeguard state of a progression gets one global integer id.
+    """The explicit product (def. 10): every safeguard state of a progression gets one global integer id, in order
+    of first appearance (for the gridworld these are the authors' automaton state numbers 0-4).
 
     `table(k, label_sets)` compiles safeguard k into next_id[q_id, label_id] (-1 = sink) so that many
-    environments step their safeguards with one array lookup.
+    environments step their safeguards with one array lookup. `new_states(order)[k]` are the ids of the states
+    that the k-th safeguard of `order` adds to the ones before it.
     """
 
     def __init__(self, safeguards: list[Safeguard]):
@@ -235,6 +268,13 @@ class ProductSpace:
                 out[i, j] = -1 if nxt == SINK else self.index[nxt]
         return out
 
+    def new_states(self, order: list[int]) -> list[list[int]]:
+        seen, out = set(), []
+        for k in order:
+            out.append([self.index[s] for s in self.safeguards[k].states if s not in seen])
+            seen |= set(self.safeguards[k].states)
+        return out
+
 
 def shaped_reward(mdp_reward, violated, accept_reward: float, penalty: float):
     # eq. 5: r' = r + r_accept * [q' accepting] - p * [q' in the rejecting sink]
@@ -242,62 +282,94 @@ def shaped_reward(mdp_reward, violated, accept_reward: float, penalty: float):
     return np.asarray(mdp_reward, dtype=np.float64) + accept_reward * (1.0 - violated) - penalty * violated
 
 
-def bias_transfer(Q, visited, sg: Safeguard, space: ProductSpace, q_id: int, cell, factor: float, depth: int):
-    """eq. 7: first visit of product state (s, q): Q(s, q, .) = factor * mean of Q(s, q', .) over the
-    ancestors q' of q (up to `depth` parent steps) already visited at s. Returns True if it transferred."""
+def transfer_sources(space: ProductSpace, sg: Safeguard, q_id: int, stage: int, rule: str, depth: int) -> list[int]:
+    """Which safeguard states eq. 7 averages for a new product state (s, q): the ancestors of q up to `depth` parent
+    steps (`ancestors`, the paper), or the states numbered 0..stage-1 (`authors`: their code's loop over
+    `range(DFA_indx)`, which for the last safeguard also takes a sibling of q)."""
+    if rule == "authors":
+        return list(range(stage))
+    return [space.index[a] for a in sg.ancestors(space.names[q_id], depth)]
+
+
+def bias_transfer(Q, visited, q_id: int, cell, sources: list[int], factor: float) -> bool:
+    """eq. 7: first visit of product state (s, q): Q(s, q, .) = factor * mean of Q(s, q', .) over the source states
+    q' already visited at s. Returns True if it transferred (no visited source: Q stays at its initial 0)."""
     # eq. 7: Q(s, q, .) <- factor * (1 / |N_k(q)|) * sum over q' in N_k(q) of Q(s, q', .)
-    anc = [space.index[a] for a in sg.ancestors(space.names[q_id], depth)]
-    anc = [a for a in anc if visited[(a, *cell)]]
-    if anc:
-        Q[(q_id, *cell)] = factor * np.mean([Q[(a, *cell)] for a in anc], axis=0)
-    return bool(anc)
+    found = [a for a in sources if a != q_id and visited[(a, *cell)]]
+    if found:
+        Q[(q_id, *cell)] = factor * np.mean([Q[(a, *cell)] for a in found], axis=0)
+    return bool(found)
 
 
 def has_converged(values, window: int, tol: float) -> bool:
-    """Progression rule of the paper: V(s0) has converged when the means of the last two windows agree."""
+    """The means of the last two windows of recorded values agree within tol."""
     if len(values) < 2 * window:
         return False
     v = np.asarray(values[-2 * window :])
     return abs(v[window:].mean() - v[:window].mean()) < tol
 
 
+class Progression:
+    """Algorithm 1's outer loop: which safeguard of `order` is in force, and when to move on.
+
+    Safeguard k ends at the latest when the budget count (episodes started or env steps) reaches `ends[k]`. With
+    rule "converge" it ends earlier once the values of the product states that safeguard k adds have settled
+    (`record` one value per episode or rollout that reached such a state; `has_converged` on them). The paper's
+    rule, "V(s0) has converged", would look at (s0, initial state), which every safeguard shares.
+    """
+
+    def __init__(self, order: list[int], ends: list[int], rule: str, window: int, tol: float):
+        self.order, self.ends, self.rule, self.window, self.tol = order, ends, rule, window, tol
+        self.stage, self.values, self.switches = 0, [], []
+
+    @property
+    def safeguard(self) -> int:
+        return self.order[self.stage]
+
+    def record(self, value: float) -> None:
+        self.values.append(value)
+
+    def advance(self, count: int) -> bool:
+        """Move to the next safeguard if this one is done; True if it moved."""
+        if self.stage == len(self.order) - 1:
+            return False
+        settled = self.rule == "converge" and has_converged(self.values, self.window, self.tol)
+        if count >= self.ends[self.stage] or settled:
+            self.stage, self.values = self.stage + 1, []
+            self.switches.append(count)
+            return True
+        return False
+
+
 # ------------------------------------------------------------------------------------------------------
-# The Minecraft-inspired gridworld (authors' layout 1) and its five safeguards (paper fig. 4a-4e)
+# The Minecraft-inspired gridworld (authors' layout 1) and their four safeguards (paper fig. 4a-4e)
 # ------------------------------------------------------------------------------------------------------
 GRID_LABELS = ["safe", "lava", "creeper", "wood", "iron", "work_bench", "smith_table", "diamond"]
 GRID_LABEL_SETS = [frozenset() if n == "safe" else frozenset({n}) for n in GRID_LABELS]
 GRID_START = (5, 2)
 GRID_MOVES = np.array([[0, 1], [-1, 0], [0, -1], [1, 0], [0, 0]])  # right, up, left, down, stay
+GRID_LAYOUT_P = (0.05, 0.9, 0.05)  # object jitter i = -1, 0, +1 at each reset (the authors' reset())
 
 DANGER = {"creeper", "lava"}
-MINECRAFT_SAFEGUARDS = [
-    Safeguard("1: never creeper, never lava", [
+MINECRAFT_SAFEGUARDS = [  # the authors' minecraft_1, _2, _6, _7; state names = their states 0, 1, 2, 3, 4
+    Safeguard("1: never creeper, never lava (fig. 4a and 4b)", [
         ("start", DANGER, SINK),
     ]),
-    Safeguard("2: as 1, and remember wood", [
+    Safeguard("2: as 1, and remember wood (fig. 4c)", [
         ("start", DANGER, SINK), ("start", {"wood"}, "wood"),
         ("wood", DANGER, SINK),
     ]),
-    Safeguard("3: after wood then work bench, lava is allowed", [
+    Safeguard("3: after wood then work bench, lava is allowed (fig. 4d)", [
         ("start", DANGER, SINK), ("start", {"wood"}, "wood"),
         ("wood", DANGER, SINK), ("wood", {"work_bench"}, "wood+bench"),
         ("wood+bench", {"creeper"}, SINK),
     ]),
-    Safeguard("4: as 3, or wood then iron then smith table: creeper is allowed", [
+    Safeguard("4: as 3, or wood then iron then smith table: creeper is allowed, lava is not (fig. 4e)", [
         ("start", DANGER, SINK), ("start", {"wood"}, "wood"),
         ("wood", DANGER, SINK), ("wood", {"work_bench"}, "wood+bench"), ("wood", {"iron"}, "wood+iron"),
         ("wood+bench", {"creeper"}, SINK),
         ("wood+iron", DANGER, SINK), ("wood+iron", {"smith_table"}, "wood+iron+smith"),
         ("wood+iron+smith", {"lava"}, SINK),
-    ]),
-    # Reconstructed (the code has four): both branches of 4 joined; with both crafts done nothing is unsafe.
-    Safeguard("5: as 4, and both branches together allow lava and creeper", [
-        ("start", DANGER, SINK), ("start", {"wood"}, "wood"),
-        ("wood", DANGER, SINK), ("wood", {"work_bench"}, "wood+bench"), ("wood", {"iron"}, "wood+iron"),
-        ("wood+bench", {"creeper"}, SINK), ("wood+bench", {"iron"}, "bench+iron"),
-        ("bench+iron", {"creeper"}, SINK), ("bench+iron", {"smith_table"}, "crafted"),
-        ("wood+iron", DANGER, SINK), ("wood+iron", {"smith_table"}, "wood+iron+smith"),
-        ("wood+iron+smith", {"lava"}, SINK), ("wood+iron+smith", {"work_bench"}, "crafted"),
     ]),
 ]  # fmt: skip
 
@@ -348,8 +420,8 @@ class GridWorld:
 
 class FearTable:
     """Intrinsic fear (Lipton et al. 2016) for a tabular state: F(s) = P(s is within k_r steps of a
-    catastrophe), estimated by counts (the maximum-likelihood tabular classifier) from the last k_r states
-    before each catastrophe (danger) and all states farther from any catastrophe (safe)."""
+    catastrophe), estimated by counts (the maximum-likelihood tabular classifier): `danger` counts the states
+    reached in the k_r steps up to a catastrophe, `safe` those with no catastrophe within k_r steps after them."""
 
     def __init__(self, shape):
         self.danger, self.safe = np.zeros(shape), np.zeros(shape)
@@ -365,135 +437,207 @@ def greedy(Qs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.argmax(best * rng.random(Qs.shape), axis=1)
 
 
+def policy_table(Q: np.ndarray, visited: np.ndarray, n_states: int, start: int) -> np.ndarray:
+    """The values the greedy test policy reads for (safeguard state, cell): Q(s, q) where (s, q) was visited, else
+    the authors' test fallback Q(s, q0) (their "meta-learning queries"); an MDP-state agent reads its one slot."""
+    if Q.shape[0] == 1:
+        return np.broadcast_to(Q, (n_states, *Q.shape[1:]))
+    return np.where(visited[..., None], Q, Q[start][None])
+
+
+def safety_probability(P: np.ndarray | None, table: np.ndarray, slip: float, horizon: int, start: int) -> float:
+    """def. 13, exactly: the probability that, from s0 and the initial safeguard state, the greedy policy of the
+    values P (n_states x 10 x 10 x 5; ties uniform, as `greedy`) does not enter the sink of `table` within `horizon`
+    steps, averaged over the three layouts. P=None: the best policy that knows the layout and the time left
+    (value iteration on the product MDP), an upper bound for any policy."""
+    n_q, cells = len(table), np.arange(100)
+    nxt = np.clip(np.stack([cells // 10, cells % 10], 1)[:, None] + GRID_MOVES[None], 0, 9)
+    nxt = nxt[..., 0] * 10 + nxt[..., 1]  # (100 cells, 5 executed actions) -> next cell
+    maps = minecraft_label_maps().reshape(3, 100)
+    q2 = table[:, maps[:, nxt]]  # (states, layouts, cells, executed actions) -> next safeguard state, -1 = sink
+    # flat index of the product state reached in (layout, state, cell); the sink points at a last entry, always 0
+    sink = 3 * n_q * 100
+    reach = np.where(q2 >= 0, (np.arange(3)[None, :, None, None] * n_q + q2) * 100 + nxt, sink)
+    mix = (1 - slip) * np.eye(5) + slip / 5  # P(executed | chosen)
+    if P is not None:
+        P = P.reshape(n_q, 1, 100, 5)
+        best = P == P.max(-1, keepdims=True)
+        pi = best / best.sum(-1, keepdims=True)
+    V = np.ones(sink + 1)  # probability of staying safe for the remaining steps, per (layout, state, cell)
+    V[sink] = 0.0
+    for _ in range(horizon):
+        W = V[reach] @ mix.T  # (states, layouts, cells, chosen actions)
+        W = W.max(-1) if P is None else (pi * W).sum(-1)
+        V[:sink] = W.transpose(1, 0, 2).ravel()
+    start_value = V[:sink].reshape(3, n_q, 100)[:, start, GRID_START[0] * 10 + GRID_START[1]]
+    return float(np.dot(GRID_LAYOUT_P, start_value))
+
+
 def run_gridworld(args: Args, logger: Logger) -> dict:
     """Algorithm 1 with tabular Q-learning on the product of the gridworld and the safeguard in force."""
     rng = np.random.default_rng(args.seed)
-    final = len(MINECRAFT_SAFEGUARDS) - 1
-    progression = list(range(len(MINECRAFT_SAFEGUARDS))) if args.method == "psl" else [final]
-    space = ProductSpace(MINECRAFT_SAFEGUARDS)
-    tables = np.stack([space.table(k, GRID_LABEL_SETS) for k in range(len(MINECRAFT_SAFEGUARDS))])
-    # psl and zero-shot learn on the product state (s, q); baseline and intrinsic fear see the MDP state only
-    # (their Q-table has one safeguard slot) and are scored against the final safeguard.
+    safeguards, final = MINECRAFT_SAFEGUARDS, len(MINECRAFT_SAFEGUARDS) - 1
+    order = list(range(len(safeguards))) if args.method == "psl" else [final]
+    space = ProductSpace(safeguards)
+    tables = np.stack([space.table(k, GRID_LABEL_SETS) for k in range(len(safeguards))])
+    new_states = space.new_states(order)
+    is_new = np.array([np.isin(np.arange(len(space.names)), ids) for ids in new_states])  # [stage, state id]
+    # psl and zero-shot learn on the product state (s, q); baseline and intrinsic fear on the MDP state only
+    # (one slot), with the final safeguard's reward and stop only under --baselines-guarded
     product = args.method in ("psl", "zero-shot")
+    guarded = product or args.baselines_guarded
     Q = np.zeros((len(space.names) if product else 1, 10, 10, 5))
+    U = np.zeros_like(Q)  # the authors' second, pessimistic table (their plotted "value at s0")
     visited = np.zeros(Q.shape[:3], dtype=bool)
     fear = FearTable((10, 10)) if args.method == "intrinsic-fear" else None
-    start_q = space.index[INITIAL]
+    start = space.index[INITIAL]
+    stage_len = args.stage_episodes or args.total_episodes // len(order)
+    ends = [stage_len * (k + 1) for k in range(len(order) - 1)] + [args.total_episodes]
+    progression = Progression(order, ends, args.progression, args.converge_window, args.converge_tol)
 
     env = GridWorld(args.num_envs, args.slip_probability, rng)
     n = args.num_envs
-    q = np.full(n, start_q)  # safeguard state of the product (global id)
-    stage_of_env = np.zeros(n, dtype=np.int64)  # which safeguard of the progression each episode runs under
-    ep_ret, ep_len = np.zeros(n), np.zeros(n, dtype=np.int64)
-    recent_pos = np.zeros((args.fear_radius, n, 2), dtype=np.int64)
+    sg_state = np.full(n, start)  # the state of the safeguard in force (global id)
+    monitor = np.full(n, start)  # the final safeguard as a monitor, for every method: the common metric
+    stage_of_env = np.zeros(n, dtype=np.int64)  # the safeguard each episode runs under
+    needs_start = np.ones(n, dtype=bool)
+    ep_ret, ep_len, ep_viol_steps = np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    ep_new = np.zeros(n, dtype=bool)  # the episode reached a product state its safeguard adds
+    recent = np.zeros((args.fear_radius, n, 2), dtype=np.int64)  # intrinsic fear: cells of the last k_r steps
     recent_len = np.zeros(n, dtype=np.int64)
 
-    stage, stage_v0, episodes_started, episodes_done, violations = 0, [], 0, 0, 0
-    stage_budget = args.total_episodes // len(progression)
-    v_s0_per_stage, global_step = {}, 0
-    v0_curve, violation_curve = [], []  # per episode started / finished (for the benchmark's plots)
-
-    def start_episodes(idx):
-        nonlocal episodes_started, stage
-        for i in idx:
-            # progression: move on when V(s0) has converged (paper) or after an equal share (authors' code)
-            if stage < len(progression) - 1:
-                move = episodes_started >= (stage + 1) * stage_budget  # fixed share (also the cap of converge)
-                if args.progression == "converge":
-                    move = move or has_converged(stage_v0, args.converge_window, args.converge_tol)
-                if move:
-                    v_s0_per_stage[MINECRAFT_SAFEGUARDS[progression[stage]].name] = float(np.mean(stage_v0[-50:]))
-                    stage, stage_v0[:] = stage + 1, []
-            stage_of_env[i], q[i] = progression[stage], start_q
-            v0 = Q[(start_q if product else 0, *GRID_START)].max()
-            stage_v0.append(v0)
-            v0_curve.append(v0)
-            logger.scalar("charts/V_s0", v0, global_step)
-            episodes_started += 1
-        env.reset(idx)
-        ep_ret[idx], ep_len[idx], recent_len[idx] = 0.0, 0, 0
-
+    episodes_started, episodes_done, global_step = 0, 0, 0
+    violations, violation_steps, sg_violations = 0, 0, 0
+    curves = {"V_s0": [], "U_s0": [], "violations": [], "violation_steps": [], "safety_probability": []}
+    stage_values = {}
     cost_steps = []
-    start_episodes(np.arange(n))
-    visited[(start_q if product else 0, *GRID_START)] = True
+    logger.scalar("charts/safeguard_index", progression.safeguard, 0)
     t0 = time.time()
     while episodes_done < args.total_episodes:
-        qa = q if product else np.zeros(n, dtype=np.int64)
+        # start the episodes that need one; the progression moves on between episodes
+        for i in np.flatnonzero(needs_start):
+            if progression.advance(episodes_started):
+                logger.scalar("charts/safeguard_index", progression.safeguard, global_step)
+            stage_of_env[i], sg_state[i], monitor[i] = progression.safeguard, start, start
+            slot0 = start if product else 0
+            curves["V_s0"].append(Q[(slot0, *GRID_START)].max())
+            curves["U_s0"].append(U[(slot0, *GRID_START)].min())
+            logger.scalar("charts/V_s0", curves["V_s0"][-1], global_step)
+            episodes_started += 1
+        if needs_start.any():
+            idx = np.flatnonzero(needs_start)
+            env.reset(idx)
+            visited[(start if product else 0, *GRID_START)] = True
+            ep_ret[idx], ep_len[idx], ep_viol_steps[idx], ep_new[idx], recent_len[idx] = 0.0, 0, 0, False, 0
+
+        slot = sg_state if product else np.zeros(n, dtype=np.int64)  # the Q-table row of the product state
         r, c = env.pos[:, 0].copy(), env.pos[:, 1].copy()
-        Qs = Q[qa, r, c]
-        greedy_actions = greedy(Qs, rng)
+        greedy_actions = greedy(Q[slot, r, c], rng)
         actions = np.where(rng.random(n) < args.epsilon, rng.integers(0, 5, n), greedy_actions)
         labels = env.step(actions)
         r2, c2 = env.pos[:, 0], env.pos[:, 1]
-        q2 = tables[stage_of_env, q, labels]  # def. 10: the safeguard steps on the label of the state reached
-        violated = q2 < 0  # eq. 4: the run is unsafe as soon as it enters the rejecting sink
         global_step += n
 
-        # eq. 7: first visit of a product state -> initialise from its ancestor safeguard states (PSL only)
-        q2a = np.where(violated, 0, q2) if product else np.zeros(n, dtype=np.int64)
-        for i in np.flatnonzero(~violated & ~visited[q2a, r2, c2]):
-            if args.method == "psl":
-                sg = MINECRAFT_SAFEGUARDS[stage_of_env[i]]
-                bias_transfer(Q, visited, sg, space, q2a[i], (r2[i], c2[i]), args.transfer_factor, args.transfer_depth)
-            visited[q2a[i], r2[i], c2[i]] = True
+        # def. 10: the safeguard in force steps on the label of the state reached; eq. 4: entering its sink
+        next_sg_state = tables[stage_of_env, sg_state, labels]
+        sg_violated = (next_sg_state < 0) & guarded
+        # the common metric: the final safeguard as a monitor; a rejected label counts and the monitor stays put
+        next_monitor = tables[final, monitor, labels]
+        violation = next_monitor < 0
+        monitor = np.where(violation, monitor, next_monitor)
 
-        reward = shaped_reward(0.0, violated, args.accept_reward, args.penalty)  # eq. 5 (no MDP reward here)
-        next_v = np.where(violated, 0.0, Q[q2a, r2, c2].max(axis=1))  # the sink is absorbing with value 0
+        # eq. 7: first visit of a product state -> initialise from its ancestor safeguard states (PSL only)
+        next_slot = np.where(sg_violated, 0, next_sg_state) if product else np.zeros(n, dtype=np.int64)
+        for i in np.flatnonzero(~sg_violated & ~visited[next_slot, r2, c2]):
+            if args.method == "psl":
+                k = stage_of_env[i]
+                sources = transfer_sources(space, safeguards[k], next_slot[i], order.index(k), args.transfer,
+                                           args.transfer_depth)  # fmt: skip
+                bias_transfer(Q, visited, next_slot[i], (r2[i], c2[i]), sources, args.transfer_factor)
+            visited[next_slot[i], r2[i], c2[i]] = True
+        if product:
+            ep_new |= ~sg_violated & is_new[progression.stage, next_slot] & (stage_of_env == progression.safeguard)
+
+        # eq. 5, no MDP reward here; without a safeguard (unguarded baselines) every state is accepting
+        reward = shaped_reward(0.0, sg_violated, args.accept_reward, args.penalty)
+        next_v = np.where(sg_violated, 0.0, Q[next_slot, r2, c2].max(axis=1))  # the sink is absorbing, value 0
         target = reward + args.gamma * next_v
         if fear is not None:  # Lipton et al.: target r + gamma max Q(s') - lambda F(s'), lambda phased in
             lam = args.fear_factor * min(1.0, episodes_done / max(args.fear_phase_in * args.total_episodes, 1))
             target = target - lam * fear((r2, c2))
         # Q-learning on the EXECUTED action (several envs on the same (s, a): the last write wins)
         a = greedy_actions if args.authors_update else actions
-        Q[qa, r, c, a] += args.alpha * (target - Q[qa, r, c, a])
+        Q[slot, r, c, a] += args.alpha * (target - Q[slot, r, c, a])
+        # the authors' pessimistic table: the minimising action takes r + gamma min U(s') (their plotted value)
+        a_min = U[slot, r, c].argmin(axis=1)
+        u_target = reward + args.gamma * np.where(sg_violated, 0.0, U[next_slot, r2, c2].min(axis=1))
+        U[slot, r, c, a_min] += args.alpha * (u_target - U[slot, r, c, a_min])
 
-        if fear is not None:  # states k_r steps before now are far from any catastrophe so far: safe
-            slot = recent_len % args.fear_radius
-            old = recent_len >= args.fear_radius
-            np.add.at(fear.safe, (recent_pos[slot[old], np.flatnonzero(old), 0],
-                                  recent_pos[slot[old], np.flatnonzero(old), 1]), 1)  # fmt: skip
-            recent_pos[slot, np.arange(n)] = env.pos
+        if fear is not None:  # the cells of the last k_r steps: dangerous at a catastrophe, else safe as they age
+            ring = recent_len % args.fear_radius
+            old = np.flatnonzero(recent_len >= args.fear_radius)
+            np.add.at(fear.safe, (recent[ring[old], old, 0], recent[ring[old], old, 1]), 1)
+            recent[ring, np.arange(n)] = env.pos
             recent_len += 1
+            for i in np.flatnonzero(violation):  # a catastrophe: the cells of the k_r steps up to it
+                m = min(recent_len[i], args.fear_radius)
+                cells = recent[(recent_len[i] - 1 - np.arange(m)) % args.fear_radius, i]
+                np.add.at(fear.danger, (cells[:, 0], cells[:, 1]), 1)
+                recent_len[i] = 0
 
-        q = np.where(violated, q, q2)
+        sg_state = np.where(next_sg_state < 0, sg_state, next_sg_state)  # (an unguarded agent's safeguard is unused)
         ep_ret += reward
         ep_len += 1
-        cost_steps.append(violated)
-        if len(cost_steps) >= 200:  # charts/cost_rate, written every 200 vector steps
+        ep_viol_steps += violation
+        cost_steps.append(violation)
+        if len(cost_steps) >= 200:  # charts/cost_rate (common metric per step), counted every 200 vector steps
             logger.log_costs(global_step, np.concatenate(cost_steps))
             cost_steps = []
-        done = violated | (ep_len >= args.max_episode_steps)
+        done = sg_violated | (ep_len >= args.max_episode_steps)
+        needs_start = done
+        for i in np.flatnonzero(done):
+            if fear is not None:  # no catastrophe can follow within this episode: the remaining cells are safe
+                m = min(recent_len[i], args.fear_radius)
+                cells = recent[(recent_len[i] - 1 - np.arange(m)) % args.fear_radius, i]
+                np.add.at(fear.safe, (cells[:, 0], cells[:, 1]), 1)
+            if ep_new[i] and stage_of_env[i] == progression.safeguard:  # the progression's measure:
+                ids = new_states[progression.stage]  # the mean value of the visited states this safeguard adds
+                progression.record(float(Q[ids].max(-1)[visited[ids]].mean()))
+            violations += int(ep_viol_steps[i] > 0)
+            violation_steps += int(ep_viol_steps[i])
+            sg_violations += int(sg_violated[i])
+            curves["violations"].append(violations)
+            curves["violation_steps"].append(violation_steps)
+            episodes_done += 1
+            logger.log_episode(global_step, ep_ret[i], float(ep_viol_steps[i] > 0), ep_len[i])
+            if args.exact_eval_every and episodes_done % args.exact_eval_every == 0:
+                P = policy_table(Q, visited, len(space.names), start)
+                p = safety_probability(P, tables[final], args.slip_probability, args.max_episode_steps, start)
+                curves["safety_probability"].append((episodes_done, p))
+                logger.scalar("charts/safety_probability", p, global_step)
         if done.any():
-            idx = np.flatnonzero(done)
-            for i in idx:
-                if fear is not None:  # the last k_r states: dangerous if the episode ended in a catastrophe
-                    m = min(recent_len[i], args.fear_radius)
-                    cells = recent_pos[(recent_len[i] - 1 - np.arange(m)) % args.fear_radius, i]
-                    np.add.at(fear.danger if violated[i] else fear.safe, (cells[:, 0], cells[:, 1]), 1)
-                violations += int(violated[i])
-                violation_curve.append(violations)
-                episodes_done += 1
-                logger.log_episode(global_step, ep_ret[i], float(violated[i]), ep_len[i])
+            stage_values[safeguards[progression.safeguard].name] = curves["V_s0"][-1]
             logger.scalar("charts/violations", violations, global_step)
-            logger.scalar("charts/safeguard_index", progression[stage], global_step)
-            if episodes_done % 500 < len(idx):
-                logger.console(global_step, f"episodes={episodes_done} safeguard={progression[stage] + 1} "
-                               f"V(s0)={stage_v0[-1] if stage_v0 else float('nan'):.3f} violations={violations}")
-            start_episodes(idx)
+            logger.scalar("charts/violation_steps", violation_steps, global_step)
+            logger.scalar("charts/safeguard_violations", sg_violations, global_step)
+            logger.scalar("charts/U_s0", curves["U_s0"][-1], global_step)
+            if episodes_done % 500 < done.sum():
+                logger.console(global_step, f"episodes={episodes_done}/{args.total_episodes} safeguard="
+                               f"{progression.safeguard + 1} V(s0)={curves['V_s0'][-1]:.3f} violations={violations}")
     logger.console(global_step, f"episodes={episodes_done} violations={violations}")
-    v_s0_per_stage[MINECRAFT_SAFEGUARDS[progression[stage]].name] = float(np.mean(stage_v0[-50:] or [np.nan]))
     check_finite("Q-table", torch.as_tensor(Q))
     train_time = time.time() - t0
 
-    # Final test: greedy episodes under the final safeguard (the authors' test), success = no violation
+    # Final test: the authors' 100 greedy episodes under the final safeguard (success = no violation in
+    # max_episode_steps), and the same quantity exactly, with the best possible value beside it
+    P = policy_table(Q, visited, len(space.names), start)
     test_env = GridWorld(args.eval_episodes, args.slip_probability, rng)
     test_env.reset(np.arange(args.eval_episodes))
-    tq = np.full(args.eval_episodes, start_q)
+    tq = np.full(args.eval_episodes, start)
     alive = np.ones(args.eval_episodes, dtype=bool)
     ret = np.zeros(args.eval_episodes)
     for _ in range(args.max_episode_steps):
-        qa = tq if product else np.zeros_like(tq)
-        a = greedy(Q[qa, test_env.pos[:, 0], test_env.pos[:, 1]], rng)
+        a = greedy(P[tq, test_env.pos[:, 0], test_env.pos[:, 1]], rng)
         tq2 = tables[final, tq, test_env.step(a)]
         ret += alive * shaped_reward(0.0, tq2 < 0, args.accept_reward, args.penalty)
         alive &= tq2 >= 0
@@ -502,133 +646,63 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
             break
     for i in range(args.eval_episodes):
         logger.log_episode(global_step, ret[i], float(not alive[i]), 0, prefix="eval")
+    p_final = safety_probability(P, tables[final], args.slip_probability, args.max_episode_steps, start)
+    p_best = safety_probability(None, tables[final], args.slip_probability, args.max_episode_steps, start)
     result = {
-        "V_s0": float(Q[(start_q if product else 0, *GRID_START)].max()),
-        "V_s0_per_safeguard": v_s0_per_stage,
+        "V_s0": float(Q[(start if product else 0, *GRID_START)].max()),
+        "U_s0": float(U[(start if product else 0, *GRID_START)].min()),
+        "V_s0_per_safeguard": stage_values,
+        "switches": progression.switches,
         "training_violations": violations,
+        "violation_steps": violation_steps,
+        "safeguard_violations": sg_violations,
         "test_success": float(alive.mean()),
+        "safety_probability": p_final,
+        "optimal_safety_probability": p_best,
         "train_seconds": train_time,
         "env_steps": global_step,
         "Q": Q,
-        "V_s0_curve": np.array(v0_curve),
-        "violation_curve": np.array(violation_curve),
+        "curves": {k: np.array(v) for k, v in curves.items()},
     }
     logger.scalar("eval/success_rate", result["test_success"], global_step)
-    print(f"V(s0)={result['V_s0']:.3f} training violations={violations} test success={100 * alive.mean():.0f}% "
-          f"test violations={100 * (1 - alive.mean()):.0f}% ({train_time:.1f} s, {global_step} env steps)")
-    print("V(s0) at the end of each safeguard:", {k: round(v, 3) for k, v in v_s0_per_stage.items()})
+    logger.scalar("eval/safety_probability", p_final, global_step)
+    logger.scalar("eval/optimal_safety_probability", p_best, global_step)
+    print(f"V(s0)={result['V_s0']:.3f} U(s0)={result['U_s0']:.3f} training violations={violations} episodes "
+          f"({violation_steps} steps; against the safeguard in force: {sg_violations}) test success="
+          f"{100 * alive.mean():.0f}% P(safe)={p_final:.4f} (best {p_best:.4f}) safeguard switches at episodes "
+          f"{progression.switches} ({train_time:.1f} s, {global_step} env steps)")
     if args.save_model:
-        np.savez(os.path.join(logger.run_dir, "q_table.npz"), Q=Q, visited=visited, states=np.array(space.names))
+        np.savez(os.path.join(logger.run_dir, "q_table.npz"), Q=Q, U=U, visited=visited, states=np.array(space.names))
     return result
 
 
 # ------------------------------------------------------------------------------------------------------
-# ViZDoom: a map generated as UDMF text in a PWAD, labels from game variables, the three Doom safeguards
+# ViZDoom: labels from game variables, the authors' three safeguards and fixed checks, the reward
 # ------------------------------------------------------------------------------------------------------
-DOOM_SAFEGUARDS = [
+DOOM_SAFEGUARDS = [  # the authors' safeguard_callbacks.py; "armor" is checked first, as theirs
     Safeguard("0: never lava", [
         ("start", {"lava"}, SINK),
     ]),
-    Safeguard("1: lava only after armor; the boss area is a violation", [
-        ("start", {"armor"}, "armor"), ("start", {"lava", "boss_area"}, SINK),
+    Safeguard("1: lava only after armor; then the boss area is a violation", [
+        ("start", {"armor"}, "armor"), ("start", {"lava"}, SINK),
         ("armor", {"boss_area"}, SINK),
     ]),
     Safeguard("2: as 1, and the boss area only after the weapon", [
-        ("start", {"armor"}, "armor"), ("start", {"lava", "boss_area"}, SINK),
+        ("start", {"armor"}, "armor"), ("start", {"lava"}, SINK),
         ("armor", {"weapon"}, "armed"), ("armor", {"boss_area"}, SINK),
     ]),
 ]  # fmt: skip
-
-# The map, south to north (Doom units, y grows north): start room with armor and a radiation suit, a band of
-# lava floor (20 damage every 32 tics) across the whole width, the item room with a plasma gun and cells, a
-# door (Door_Raise on use), the boss room with a Baron of Hell. The door sector comes last (see udmf_textmap).
-DOOM_LAVA_Y, DOOM_DOOR_Y = (384, 512), (896, 912)
-DOOM_SECTORS = [  # (clockwise polygon, floor flat, sector properties)
-    ([(0, 0), (0, 384), (512, 384), (512, 0)], "FLOOR0_1", {}),
-    ([(0, 384), (0, 512), (512, 512), (512, 384)], "LAVA1", {"damageamount": 20, "damageinterval": 32}),
-    ([(0, 512), (0, 896), (192, 896), (320, 896), (512, 896), (512, 512)], "FLOOR0_1", {}),
-    ([(0, 912), (0, 1280), (512, 1280), (512, 912), (320, 912), (192, 912)], "FLOOR7_2", {}),
-    ([(192, 896), (192, 912), (320, 912), (320, 896)], "FLAT20", {"heightceiling": 0}),  # the closed door
-]
-DOOM_THINGS = [  # (x, y, angle, type): player start, green armor, radiation suit, plasma gun, 2 cell packs, baron
-    (128, 64, 90, 1), (416, 160, 90, 2018), (416, 256, 90, 2025), (256, 704, 90, 2004),
-    (192, 704, 90, 17), (320, 704, 90, 17), (256, 1152, 270, 3003),
-]
-
-
-def udmf_textmap() -> str:
-    """The map as UDMF text (ZDoom namespace). Each polygon edge becomes a linedef; an edge shared by two
-    sectors (walked in opposite directions) becomes one two-sided linedef whose front is the first sector."""
-
-    def block(kind, props):
-        def fmt(v):
-            return ("true" if v else "false") if isinstance(v, bool) else f'"{v}"' if isinstance(v, str) else v
-
-        return kind + "\n{\n" + "".join(f"  {k} = {fmt(v)};\n" for k, v in props.items()) + "}"
-
-    door, edges, verts, sides, out = len(DOOM_SECTORS) - 1, {}, [], [], ['namespace = "zdoom";']
-    for s, (poly, _, _) in enumerate(DOOM_SECTORS):
-        for a, b in zip(poly, poly[1:] + poly[:1]):
-            if (b, a) in edges:
-                edges[(b, a)]["back"] = s
-            else:
-                edges[(a, b)] = {"front": s}
-    for (a, b), e in edges.items():
-        verts += [p for p in (a, b) if p not in verts]
-        line = {"v1": verts.index(a), "v2": verts.index(b), "sidefront": len(sides)}
-        if "back" in e:  # two-sided; a line onto the door sector opens it when used from the front
-            is_door = door == e["back"]
-            tex = {"texturetop": "BIGDOOR2"} if is_door else {}
-            line.update(sideback=len(sides) + 1, twosided=True)
-            if is_door:
-                line.update(special=12, arg0=0, arg1=32, arg2=105, playeruse=True, repeatspecial=True)
-            sides += [{"sector": e["front"], **tex}, {"sector": e["back"], **tex}]
-        else:
-            line["blocking"] = True
-            sides.append({"sector": e["front"], "texturemiddle": "DOORTRAK" if e["front"] == door else "STARTAN2"})
-        out.append(block("linedef", line))
-    out += [block("vertex", {"x": float(x), "y": float(y)}) for x, y in verts]
-    out += [block("sidedef", sd) for sd in sides]
-    for _, flat, extra in DOOM_SECTORS:
-        base = {"heightfloor": 0, "heightceiling": 128, "texturefloor": flat, "textureceiling": "CEIL3_5",
-                "lightlevel": 208}
-        out.append(block("sector", {**base, **extra}))
-    skills = {f"skill{i}": True for i in range(1, 6)}
-    for x, y, angle, kind in DOOM_THINGS:
-        thing = {"x": float(x), "y": float(y), "angle": angle, "type": kind, **skills, "single": True}
-        out.append(block("thing", thing))
-    return "\n".join(out) + "\n"
-
-
-def write_wad(path: str) -> str:
-    """A PWAD with the lumps MAP01 (empty marker), TEXTMAP (the UDMF text) and ENDMAP; ZDoom builds the nodes."""
-    import struct
-
-    lumps = [("MAP01", b""), ("TEXTMAP", udmf_textmap().encode()), ("ENDMAP", b"")]
-    data, directory, offset = b"", b"", 12
-    for name, payload in lumps:
-        directory += struct.pack("<ii8s", offset, len(payload), name.encode())
-        data, offset = data + payload, offset + len(payload)
-    with open(path, "wb") as f:
-        f.write(b"PWAD" + struct.pack("<ii", len(lumps), offset) + data + directory)
-    return path
-
-
-DOOM_ACTIONS = [  # buttons: MOVE_FORWARD, TURN_LEFT, TURN_RIGHT, ATTACK, USE
-    [1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0, 0, 0, 1, 0],
-    [1, 0, 0, 0, 1],
-]
-DOOM_VARIABLES = ["POSITION_X", "POSITION_Y", "ARMOR", "WEAPON6", "HEALTH", "DAMAGECOUNT"]
+DOOM_CHECKS = ("lava without armor", "boss area without weapon")
 
 
 def doom_labels(gv) -> frozenset:
-    """Labels from game variables: lava = standing in the lava band, boss_area = past the door,
-    armor = ARMOR > 0, weapon = the plasma gun's slot variable WEAPON6 > 0."""
+    """The labelling function: lava = standing in the lava band, boss_area = past the door, armor = ARMOR > 0,
+    weapon = the plasma gun's slot variable WEAPON6 > 0 (game variables POSITION_X/Y, ARMOR, WEAPON6, ...)."""
     x, y, armor, weapon = gv[0], gv[1], gv[2], gv[3]
     labels = set()
-    if DOOM_LAVA_Y[0] <= y < DOOM_LAVA_Y[1] and 0 <= x <= 512:
+    if LAVA_Y[0] <= y < LAVA_Y[1] and 0 <= x <= MAP_WIDTH:
         labels.add("lava")
-    if y > DOOM_DOOR_Y[1]:
+    if y > DOOR_Y[1]:
         labels.add("boss_area")
     if armor > 0:
         labels.add("armor")
@@ -637,85 +711,27 @@ def doom_labels(gv) -> frozenset:
     return frozenset(labels)
 
 
+def doom_checks(labels: list[frozenset]) -> np.ndarray:
+    """The common metric, the authors' fixed checks (doom_gym.py), the same for every method whatever safeguard it
+    trains under: (in lava without armor, in the boss area without the weapon) per env, shape (N, 2)."""
+    return np.array([["lava" in s and "armor" not in s, "boss_area" in s and "weapon" not in s] for s in labels],
+                    dtype=bool).reshape(len(labels), 2)  # fmt: skip
+
+
 def doom_reward(prev, gv, dead: bool) -> float:
-    """The notes' reward: +0.003 per damage point dealt, +0.01 per armor point gained, +1 for the weapon,
-    -1 on death."""
-    return (0.003 * (gv[5] - prev[5]) + 0.01 * max(gv[2] - prev[2], 0.0) + 1.0 * float(gv[3] > 0 and prev[3] <= 0)
-            - 1.0 * float(dead))  # fmt: skip
+    """The authors' reward (SAFERL_REWARD_SHAPING + the engine's death penalty): +0.003 per damage point dealt (at
+    most 200 per step), +0.01 per armor point gained, +1 for the weapon, -1 on death."""
+    return (0.003 * np.clip(gv[5] - prev[5], 0.0, 200.0) + 0.01 * max(gv[2] - prev[2], 0.0)
+            + 1.0 * max(gv[3] - prev[3], 0.0) - 1.0 * float(dead))  # fmt: skip
 
 
-class DoomVecEnv:
-    """`num_envs` ViZDoom games in this process, stepped one after the other behind a batch API.
-
-    step(actions) -> obs (N, 3 * frame_stack, 60, 80) uint8, game reward (N,), labels [frozenset] * N,
-    done (N,) (death or timeout; the env is then reset and obs is the new episode's first observation).
-    `reset_one(i)` starts a new episode (used when the safeguard ends an episode on a violation).
-    """
-
-    def __init__(self, num_envs: int, wad: str, seed: int, frame_skip: int, episode_tics: int, stack: int,
-                 cheats: bool = False):
-        import vizdoom as vzd
-
-        self.games, self.skip, self.stack = [], frame_skip, stack
-        for i in range(num_envs):
-            g = vzd.DoomGame()
-            g.set_doom_scenario_path(wad)
-            g.set_doom_map("map01")
-            g.set_doom_config_path(os.path.join(os.path.dirname(os.path.abspath(wad)), "_vizdoom.ini"))  # not in cwd
-            g.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
-            g.set_screen_format(vzd.ScreenFormat.CRCGCB)
-            g.set_render_hud(False)
-            g.set_window_visible(False)
-            g.set_available_buttons([getattr(vzd.Button, b) for b in ("MOVE_FORWARD", "TURN_LEFT", "TURN_RIGHT",
-                                                                        "ATTACK", "USE")])
-            g.set_available_game_variables([getattr(vzd.GameVariable, v) for v in DOOM_VARIABLES])
-            g.set_episode_timeout(episode_tics)
-            g.set_seed(seed + i)
-            if cheats:
-                g.add_game_args("+sv_cheats 1")
-            g.set_mode(vzd.Mode.PLAYER)
-            g.init()
-            self.games.append(g)
-        n = num_envs
-        self.frames = np.zeros((n, stack, 3, 60, 80), dtype=np.uint8)
-        self.vars = np.zeros((n, len(DOOM_VARIABLES)))
-        for i in range(n):
-            self.reset_one(i)
-
-    def _read(self, i):
-        state = self.games[i].get_state()
-        return state.screen_buffer[:, ::2, ::2], np.asarray(state.game_variables, dtype=np.float64)
-
-    def reset_one(self, i: int) -> None:
-        self.games[i].new_episode()
-        frame, self.vars[i] = self._read(i)
-        self.frames[i] = frame
-
-    def obs(self) -> np.ndarray:
-        return self.frames.reshape(len(self.games), -1, 60, 80)
-
-    def labels(self) -> list:
-        return [doom_labels(v) for v in self.vars]
-
-    def step(self, actions):
-        n = len(self.games)
-        rewards, done = np.zeros(n), np.zeros(n, dtype=bool)
-        for i, g in enumerate(self.games):
-            g.make_action(DOOM_ACTIONS[int(actions[i])], self.skip)
-            if g.is_episode_finished():
-                rewards[i], done[i] = doom_reward(self.vars[i], self.vars[i], g.is_player_dead()), True
-                self.reset_one(i)
-                continue
-            frame, gv = self._read(i)
-            rewards[i] = doom_reward(self.vars[i], gv, False)
-            self.vars[i] = gv
-            self.frames[i] = np.roll(self.frames[i], -1, axis=0)
-            self.frames[i, -1] = frame
-        return self.obs(), rewards, self.labels(), done
-
-    def close(self) -> None:
-        for g in self.games:
-            g.close()
+def step_safeguard(sg: Safeguard | None, states: list[str], labels: list[frozenset]) -> tuple[list[str], np.ndarray]:
+    """def. 10 and eq. 4 for a batch: the safeguard in force steps on the labels reached; returns the next states and
+    which envs entered the sink. sg=None: no safeguard (the unguarded baselines), nothing is a violation."""
+    if sg is None:
+        return list(states), np.zeros(len(states), dtype=bool)
+    nxt = [sg.step(q, lab) for q, lab in zip(states, labels)]
+    return nxt, np.array([b == SINK and a != SINK for a, b in zip(states, nxt)])
 
 
 class Agent(nn.Module):
@@ -747,7 +763,7 @@ class Agent(nn.Module):
 
 
 class FearNet(nn.Module):
-    """Intrinsic fear (Lipton et al. 2016) on pixels: P(the last frame is within k_r steps of a catastrophe)."""
+    """Intrinsic fear (Lipton et al. 2016) on pixels: P(a catastrophe follows within k_r steps of this frame)."""
 
     def __init__(self):
         super().__init__()
@@ -760,24 +776,64 @@ class FearNet(nn.Module):
         return self.net(frames.float() / 255.0).squeeze(-1)
 
 
+def onehot(states: list[str], space: ProductSpace, product: bool, device) -> torch.Tensor:
+    """The safeguard state as a one-hot beside the CNN features (all zeros for the MDP-state agents)."""
+    out = torch.zeros((len(states), len(space.names)), device=device)
+    if product:
+        idx = [space.index[s] if s != SINK else space.index[INITIAL] for s in states]
+        out[torch.arange(len(states)), torch.as_tensor(idx)] = 1.0
+    return out
+
+
+def evaluate_vizdoom(agent: Agent, env: DoomVecEnv, space: ProductSpace, product: bool, episodes: int,
+                     device) -> tuple[list[float], list[int]]:  # fmt: skip
+    """Episodes with actions sampled from the policy under the final safeguard (its state in the one-hot for the
+    product agents), monitored and not stopped: the game reward and the common metric of each episode."""
+    sg = DOOM_SAFEGUARDS[-1]
+    obs, gv = env.reset()
+    states, prev = [INITIAL] * env.n, gv
+    ret, seen = np.zeros(env.n), np.zeros((env.n, 2), dtype=bool)
+    returns, costs = [], []
+    while len(returns) < episodes:
+        with torch.no_grad():
+            action, _, _, _ = agent.get_action_and_value(torch.as_tensor(obs, device=device),
+                                                         onehot(states, space, product, device))  # fmt: skip
+        obs, gv, done, dead, start_gv = env.step(action.cpu().numpy())
+        labels = [doom_labels(v) for v in gv]
+        states, _ = step_safeguard(sg, states, labels)
+        seen |= doom_checks(labels)
+        ret += [doom_reward(prev[i], gv[i], dead[i]) for i in range(env.n)]
+        prev = np.where(done[:, None], start_gv, gv)
+        for i in np.flatnonzero(done):
+            if len(returns) < episodes:
+                returns.append(float(ret[i]))
+                costs.append(int(seen[i].sum()))
+            states[i], ret[i], seen[i] = INITIAL, 0.0, False
+    return returns, costs
+
+
 def run_vizdoom(args: Args, logger: Logger) -> dict:
     """Algorithm 1 with a synchronous PPO: each safeguard of the progression trains from the previous weights."""
     device = get_device(args.cuda)
     torch.set_num_threads(args.torch_threads)
-    final = len(DOOM_SAFEGUARDS) - 1
-    progression = list(range(len(DOOM_SAFEGUARDS))) if args.method == "psl" else [final]
-    boundaries = [int(f * args.total_timesteps) for f in args.doom_stage_fractions] + [args.total_timesteps]
-    space = ProductSpace(DOOM_SAFEGUARDS)
-    guarded = args.method in ("psl", "zero-shot")  # the safeguard shapes the reward and ends the episode
+    safeguards, final = DOOM_SAFEGUARDS, len(DOOM_SAFEGUARDS) - 1
+    order = list(range(len(safeguards))) if args.method == "psl" else [final]
+    space = ProductSpace(safeguards)
+    new_states = space.new_states(order)
+    product = args.method in ("psl", "zero-shot")  # the agent sees the safeguard state
+    guarded = product or args.baselines_guarded  # the safeguard shapes the reward and ends the episode
+    ends = [int(f * args.total_timesteps) for f in args.doom_stage_fractions][: len(order) - 1] + [args.total_timesteps]
+    progression = Progression(order, ends, args.progression, args.converge_window, args.converge_tol)
     wad = write_wad(os.path.join(tempfile.mkdtemp(prefix="psl_"), "psl_map.wad"))
     n = args.num_envs
-    env = DoomVecEnv(n, wad, args.seed, args.doom_frame_skip, args.doom_episode_tics, args.frame_stack)
+    workers = min(os.cpu_count() or 1, n) if args.doom_workers < 0 else args.doom_workers
+    env = DoomVecEnv(n, wad, args.seed, args.doom_frame_skip, args.doom_episode_tics, args.frame_stack, workers)
     agent = Agent(3 * args.frame_stack, len(space.names), len(DOOM_ACTIONS), args.hidden_size).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     fear_net = FearNet().to(device) if args.method == "intrinsic-fear" else None
     fear_opt = torch.optim.Adam(fear_net.parameters(), lr=1e-4) if fear_net is not None else None
     danger_mem, safe_mem = deque(maxlen=5000), deque(maxlen=5000)
-    recent = [deque() for _ in range(n)]
+    recent = [deque() for _ in range(n)]  # intrinsic fear: the frames of the last k_r steps of each env
 
     batch_size = n * args.num_steps
     minibatch_size = max(batch_size // args.num_minibatches, 1)
@@ -789,86 +845,90 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
         torch.zeros((args.num_steps, n), device=device) for _ in range(4)
     )
 
-    stage, stage_v0, global_step, violations = 0, [], 0, 0
-    q = [INITIAL] * n  # safeguard state of each env (the monitor of the final safeguard for baseline / fear)
+    global_step, violations, violation_steps, sg_violations = 0, 0, 0, 0
+    sg_state = [INITIAL] * n  # the state of the safeguard in force in each env
     first = np.ones(n, dtype=bool)  # the next observation is an episode's first (for V(s0))
     ep_ret, ep_len, ep_game = np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n)
-
-    def onehot(states):
-        out = torch.zeros((n, len(space.names)), device=device)
-        if guarded:  # baseline and intrinsic fear do not see the safeguard
-            out[torch.arange(n), torch.as_tensor([space.index[s] if s != SINK else 0 for s in states])] = 1.0
-        return out
-
-    next_obs, next_done = torch.as_tensor(env.obs(), device=device), torch.zeros(n, device=device)
-    start_time = time.time()
+    ep_seen = np.zeros((n, 2), dtype=bool)  # which of the common checks fired in the episode so far
+    obs, prev_gv = env.reset()
+    next_obs, next_done = torch.as_tensor(obs, device=device), torch.zeros(n, device=device)
     for iteration in range(1, num_iterations + 1):
-        # progression: next safeguard when V(s0) has converged (paper) or at the fixed schedule's boundary
-        if stage < len(progression) - 1:
-            move = global_step >= boundaries[stage]
-            if args.progression == "converge":
-                move = move or has_converged(stage_v0, args.converge_window, args.converge_tol)
-            if move:  # continue from the previous weights with a fresh optimizer and fresh episodes
-                stage, stage_v0 = stage + 1, []
-                optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-                for i in range(n):
-                    env.reset_one(i)
-                    q[i], first[i], ep_ret[i], ep_len[i], ep_game[i] = INITIAL, True, 0.0, 0, 0.0
-                next_obs = torch.as_tensor(env.obs(), device=device)
-        sg = DOOM_SAFEGUARDS[progression[stage]]
+        if progression.advance(global_step):  # next safeguard: the same weights, a fresh optimizer, new episodes
+            optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+            violations += int(ep_seen.sum())  # the episodes cut here keep their violations (they are not logged)
+            obs, prev_gv = env.reset()
+            next_obs = torch.as_tensor(obs, device=device)
+            sg_state, first[:], ep_ret[:], ep_len[:], ep_game[:], ep_seen[:] = [INITIAL] * n, True, 0.0, 0, 0.0, False
+            for r in recent:
+                r.clear()
+        sg = safeguards[progression.safeguard] if guarded else None
         lam = args.fear_factor * min(1.0, global_step / max(args.fear_phase_in * args.total_timesteps, 1))
+        new_values = []
 
         for step in range(args.num_steps):
             global_step += n
-            q_now = onehot(q)
+            q_now = onehot(sg_state, space, product, device)
             obs_buf[step], q_buf[step], dones_buf[step] = next_obs, q_now, next_done
             with torch.no_grad():
                 action, logprob, _, value = agent.get_action_and_value(next_obs, q_now)
             values_buf[step], actions_buf[step], logprobs_buf[step] = value, action, logprob
             for i in np.flatnonzero(first):
-                stage_v0.append(float(value[i]))
                 logger.scalar("charts/V_s0", float(value[i]), global_step)
             first[:] = False
+            if product:  # the progression's measure: the critic's value on the states this safeguard adds
+                is_new = [space.index.get(s, -1) in new_states[progression.stage] for s in sg_state]
+                new_values += value[torch.as_tensor(is_new)].tolist()
 
-            obs_np, game_r, labels, game_done = env.step(action.cpu().numpy())
-            # def. 10: the safeguard steps on the labels of the state just reached (skipped at a game reset)
-            q2 = [q[i] if game_done[i] else sg.step(q[i], labels[i]) for i in range(n)]
-            violated = np.array([q2[i] == SINK and q[i] != SINK for i in range(n)])  # eq. 4: entering the sink
-            reward = shaped_reward(game_r, violated & guarded, 0.0, args.doom_penalty)  # eq. 5
-            if fear_net is not None:
-                frames = torch.as_tensor(obs_np[:, -3:], device=device)
+            obs, gv, game_done, dead, start_gv = env.step(action.cpu().numpy())
+            # def. 10: the safeguard steps on the labels of the state reached, the last step of an episode included
+            labels = [doom_labels(v) for v in gv]
+            sg_state, sg_violated = step_safeguard(sg, sg_state, labels)  # eq. 4: entering the sink
+            checks = doom_checks(labels)  # the common metric, every method
+            game_r = np.array([doom_reward(prev_gv[i], gv[i], dead[i]) for i in range(n)])
+            reward = shaped_reward(game_r, sg_violated, 0.0, args.doom_penalty)  # eq. 5
+            done = game_done | sg_violated  # the safeguard ends the episode at a violation
+            ended = np.flatnonzero(sg_violated & ~game_done)
+            if len(ended):  # start their next episodes now
+                obs, start_gv_ended = env.reset(mask=sg_violated & ~game_done)
+                start_gv[ended] = start_gv_ended[ended]
+            if fear_net is not None:  # Lipton et al.: r - lambda F(s'), and the frames labelled for F
+                frames = torch.as_tensor(obs[:, -3:], device=device)
                 with torch.no_grad():
-                    reward = reward - lam * torch.sigmoid(fear_net(frames)).cpu().numpy()
+                    reward = reward - lam * torch.sigmoid(fear_net(frames)).cpu().numpy() * ~done
                 for i in range(n):
-                    recent[i].append(obs_np[i, -3:].copy())
-                    if len(recent[i]) > args.fear_radius:
-                        safe_mem.append(recent[i].popleft())
-            done = game_done | (violated & guarded)
-            violations += int(violated.sum())
-            logger.log_costs(global_step, violated)
+                    if not done[i]:
+                        recent[i].append(obs[i, -3:].copy())
+                    if checks[i].any():  # a catastrophe: the frames of the k_r steps up to it are dangerous
+                        danger_mem.extend(recent[i])
+                        recent[i].clear()
+                    while len(recent[i]) > args.fear_radius or (done[i] and recent[i]):
+                        safe_mem.append(recent[i].popleft())  # no catastrophe within k_r steps after it
+            violation_steps += int(checks.sum())
+            sg_violations += int(sg_violated.sum())
+            logger.log_costs(global_step, checks.any(1))
+            ep_seen |= checks
             ep_ret += reward
             ep_game += game_r
             ep_len += 1
-            for i in range(n):
-                q[i] = q2[i]
-                if fear_net is not None and (violated[i] or game_done[i]):  # catastrophe: the last k_r frames
-                    (danger_mem if violated[i] else safe_mem).extend(recent[i])
-                    recent[i].clear()
-                if done[i]:
-                    if not game_done[i]:
-                        env.reset_one(i)  # the safeguard ended the episode
-                    logger.log_episode(global_step, ep_ret[i], float(q[i] == SINK), ep_len[i])
-                    logger.scalar("charts/episodic_game_reward", ep_game[i], global_step)
-                    q[i], first[i], ep_ret[i], ep_len[i], ep_game[i] = INITIAL, True, 0.0, 0, 0.0
+            prev_gv = np.where(done[:, None], start_gv, gv)
+            for i in np.flatnonzero(done):
+                violations += int(ep_seen[i].sum())
+                logger.log_episode(global_step, ep_ret[i], float(ep_seen[i].sum()), ep_len[i])
+                logger.scalar("charts/episodic_game_reward", ep_game[i], global_step)
+                sg_state[i], first[i], ep_ret[i], ep_len[i], ep_game[i], ep_seen[i] = INITIAL, True, 0.0, 0, 0.0, False
             rewards_buf[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
-            next_obs = torch.as_tensor(env.obs(), device=device)
+            next_obs = torch.as_tensor(obs, device=device)
             next_done = torch.as_tensor(done, dtype=torch.float32, device=device)
+        if new_values:
+            progression.record(float(np.mean(new_values)))
         logger.scalar("charts/violations", violations, global_step)
-        logger.scalar("charts/safeguard_index", progression[stage], global_step)
+        logger.scalar("charts/violation_steps", violation_steps, global_step)
+        logger.scalar("charts/safeguard_violations", sg_violations, global_step)
+        logger.scalar("charts/safeguard_index", progression.safeguard, global_step)
 
         # GAE and the PPO update (CleanRL)
         with torch.no_grad():
-            next_value = agent.get_value(next_obs, onehot(q))
+            next_value = agent.get_value(next_obs, onehot(sg_state, space, product, device))
             advantages, lastgaelam = torch.zeros_like(rewards_buf), 0
             for t in reversed(range(args.num_steps)):
                 nonterminal = 1.0 - (next_done if t == args.num_steps - 1 else dones_buf[t + 1])
@@ -878,7 +938,7 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
             returns = advantages + values_buf
         b_obs, b_q = obs_buf.reshape(-1, *obs_buf.shape[2:]), q_buf.reshape(-1, q_buf.shape[-1])
         b_actions, b_logprobs = actions_buf.reshape(-1), logprobs_buf.reshape(-1)
-        b_adv, b_returns, b_values = advantages.reshape(-1), returns.reshape(-1), values_buf.reshape(-1)
+        b_adv, b_returns = advantages.reshape(-1), returns.reshape(-1)
         for epoch in range(args.update_epochs):
             perm = torch.randperm(batch_size, device=device)
             for start in range(0, batch_size, minibatch_size):
@@ -916,45 +976,27 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
         logger.scalar("losses/value_loss", v_loss.item(), global_step)
         logger.scalar("losses/entropy", entropy_loss.item(), global_step)
         logger.scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        logger.console(global_step, f"safeguard={progression[stage]} violations={violations}")
-    train_seconds = time.time() - start_time
+        logger.console(global_step, f"safeguard={progression.safeguard} violations={violations} "
+                                    f"(steps {violation_steps}, safeguard {sg_violations})")  # fmt: skip
+    violations += int(ep_seen.sum())  # the episodes still running at the end keep their violations too
+    train_seconds = time.time() - logger.start_time
+    env.close()
 
-    # Final evaluation: episodes with actions sampled from the policy, scored against the final safeguard
-    # (monitored, not terminated: a violation is counted and the episode goes on)
-    results = {"training_violations": violations, "env_steps": global_step, "train_seconds": train_seconds,
-               "SPS": global_step / max(train_seconds, 1e-9)}
-    eval_env, sg_final = env, DOOM_SAFEGUARDS[final]
-    ev_ret, ev_viol, done_eps = [], [], 0
-    for i in range(n):
-        eval_env.reset_one(i)
-    q_eval, ret_i, viol_i = [INITIAL] * n, np.zeros(n), np.zeros(n, dtype=bool)
-    obs_t = torch.as_tensor(eval_env.obs(), device=device)
-    while done_eps < args.doom_eval_episodes:
-        with torch.no_grad():
-            out = torch.zeros((n, len(space.names)), device=device)
-            if guarded:
-                for i in range(n):
-                    out[i, space.index[q_eval[i]] if q_eval[i] != SINK else 0] = 1.0
-            action, _, _, _ = agent.get_action_and_value(obs_t, out)
-        obs_np, game_r, labels, game_done = eval_env.step(action.cpu().numpy())
-        for i in range(n):
-            if not game_done[i]:
-                q_eval[i] = sg_final.step(q_eval[i], labels[i])
-            viol_i[i] |= q_eval[i] == SINK
-            ret_i[i] += game_r[i]
-            if game_done[i] and done_eps < args.doom_eval_episodes:
-                ev_ret.append(ret_i[i])
-                ev_viol.append(float(viol_i[i]))
-                logger.log_episode(global_step, ret_i[i], float(viol_i[i]), 0, prefix="eval")
-                done_eps += 1
-                q_eval[i], ret_i[i], viol_i[i] = INITIAL, 0.0, False
-        obs_t = torch.as_tensor(obs_np, device=device)
-    results.update(eval_game_reward=float(np.mean(ev_ret)), eval_violation_rate=float(np.mean(ev_viol)))
-    print(f"training violations={violations} eval game reward={results['eval_game_reward']:.3f} "
-          f"eval violation rate={results['eval_violation_rate']:.2f} ({results['SPS']:.0f} env steps/s)")
+    eval_env = DoomVecEnv(min(args.doom_eval_episodes, n), wad, args.seed + 10_000, args.doom_frame_skip,
+                          args.doom_episode_tics, args.frame_stack, min(workers, args.doom_eval_episodes))  # fmt: skip
+    ev_ret, ev_cost = evaluate_vizdoom(agent, eval_env, space, product, args.doom_eval_episodes, device)
+    eval_env.close()
+    for ret, cost in zip(ev_ret, ev_cost):
+        logger.log_episode(global_step, ret, cost, 0, prefix="eval")
+    results = {"training_violations": violations, "violation_steps": violation_steps,
+               "safeguard_violations": sg_violations, "env_steps": global_step, "train_seconds": train_seconds,
+               "SPS": global_step / max(train_seconds, 1e-9), "switches": progression.switches,
+               "eval_game_reward": float(np.mean(ev_ret)), "eval_violations": float(np.mean(ev_cost))}  # fmt: skip
+    print(f"training violations={violations} per episode ({violation_steps} steps; against the safeguard in force: "
+          f"{sg_violations}) eval game reward={results['eval_game_reward']:.3f} eval violations per episode="
+          f"{results['eval_violations']:.2f} ({results['SPS']:.0f} env steps/s)")
     if args.save_model:
         torch.save(agent.state_dict(), os.path.join(logger.run_dir, "psl_vizdoom.pt"))
-    env.close()
     return results
 
 
@@ -965,6 +1007,7 @@ def check_args(args: Args) -> None:
     check_choice(args, "env_id", ("minecraft", "vizdoom"))
     check_choice(args, "method", METHODS)
     check_choice(args, "progression", ("converge", "fixed"))
+    check_choice(args, "transfer", ("ancestors", "authors"))
     check_positive(args, "num_envs", "eval_episodes", "converge_window", "converge_tol", "fear_radius")
     if args.env_id == "minecraft":
         check_positive(args, "total_episodes", "max_episode_steps", "alpha", "gamma", "transfer_depth")
@@ -972,6 +1015,8 @@ def check_args(args: Args) -> None:
         for name in ("epsilon", "slip_probability", "alpha", "gamma", "transfer_factor"):
             if not 0.0 <= getattr(args, name) <= 1.0:
                 raise SystemExit(f"error: --{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)!r}")
+        if args.stage_episodes < 0 or args.exact_eval_every < 0:
+            raise SystemExit("error: --stage-episodes and --exact-eval-every must be >= 0")
     else:
         check_positive(args, "total_timesteps", "doom_eval_episodes", "num_steps", "num_minibatches", "update_epochs",
                        "learning_rate", "frame_stack", "torch_threads", "doom_frame_skip", "doom_episode_tics",
@@ -987,7 +1032,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    logger = Logger(run_name, args)
+    # the gridworld's budget is in episodes (shown in the console line), ViZDoom's in env steps
+    logger = Logger(run_name, args, total_steps=0 if args.env_id == "minecraft" else args.total_timesteps)
     seed_everything(args.seed, args.torch_deterministic)
     if args.env_id == "minecraft":
         run_gridworld(args, logger)

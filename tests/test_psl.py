@@ -1,5 +1,6 @@
-"""Tests of psl.py: safeguards (transitions, sink), product state, eq. 5, eq. 7, the gridworld, the generated
-Doom map and its labels, and smoke runs of the four methods on both environments."""
+"""Tests of psl.py: safeguards (transitions against the authors' automata, the sink), product state, eq. 5, eq. 7,
+the progression, the exact safety probability, the gridworld and its baselines, the generated Doom map, its labels,
+the common violation metric and the worker processes, and smoke runs of the four methods on both environments."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pytest
 from conftest import REPO, read_scalars, run_dirs, run_script
 
 import psl
+from common import doom
 from psl import DOOM_SAFEGUARDS, MINECRAFT_SAFEGUARDS, SINK, ProductSpace
 
-SG1, SG2, SG3, SG4, SG5 = MINECRAFT_SAFEGUARDS
+SG1, SG2, SG3, SG4 = MINECRAFT_SAFEGUARDS
 E = frozenset()
 
 
@@ -42,20 +44,37 @@ def test_safeguard_3_lava_allowed_after_wood_then_work_bench():
     assert SG3.run([L("wood"), L("lava")]) == ["wood", SINK]
 
 
-def test_safeguard_4_iron_branch_allows_creeper_not_lava():
+def test_final_safeguard_is_minecraft_7():
+    # after wood -> work bench, creeper stays a violation (lava is allowed)
+    assert SG4.run([L("wood"), L("work_bench"), L("lava"), L("creeper")]) == ["wood", "wood+bench", "wood+bench", SINK]
+    # after wood -> iron -> smith table, creeper is allowed and lava is not
     trace = [L("wood"), L("iron"), L("smith_table"), L("creeper"), L("creeper")]
     assert SG4.run(trace) == ["wood", "wood+iron", "wood+iron+smith", "wood+iron+smith", "wood+iron+smith"]
     assert SG4.run(trace + [L("lava")])[-1] == SINK
-    assert SG4.run([L("wood"), L("iron"), L("lava")])[-1] == SINK  # smith table not reached yet
-    assert SG4.run([L("wood"), L("work_bench"), L("lava"), L("iron"), L("smith_table"), L("creeper")])[-1] == SINK
+    assert SG4.run([L("wood"), L("iron"), L("creeper")])[-1] == SINK  # smith table not reached yet
+    assert SG4.run([L("wood"), L("iron"), L("work_bench"), L("lava")])[-1] == SINK  # the bench does not unlock here
+    assert SG4.run([L("wood"), L("work_bench"), L("iron"), L("smith_table"), L("creeper")])[-1] == SINK
 
 
-def test_safeguard_5_both_branches_unlock_everything():
-    a = SG5.run([L("wood"), L("work_bench"), L("iron"), L("lava"), L("smith_table"), L("creeper"), L("lava")])
-    assert a == ["wood", "wood+bench", "bench+iron", "bench+iron", "crafted", "crafted", "crafted"]
-    b = SG5.run([L("wood"), L("iron"), L("smith_table"), L("work_bench"), L("lava"), L("creeper")])
-    assert b == ["wood", "wood+iron", "wood+iron+smith", "crafted", "crafted", "crafted"]
-    assert SG5.run([L("wood"), L("work_bench"), L("iron"), L("creeper")])[-1] == SINK
+# The authors' automata (src/automata/minecraft_{1,2,6,7}.py), transcribed by hand: state -> {label: next state};
+# any other label stays; -1 is their sink. Their lava label is 'basalt_lava'.
+AUTHORS = [
+    {0: {"creeper": -1, "lava": -1}},
+    {0: {"wood": 1, "creeper": -1, "lava": -1}, 1: {"creeper": -1, "lava": -1}},
+    {0: {"wood": 1, "creeper": -1, "lava": -1}, 1: {"work_bench": 2, "creeper": -1, "lava": -1}, 2: {"creeper": -1}},
+    {0: {"wood": 1, "creeper": -1, "lava": -1}, 1: {"work_bench": 2, "iron": 3, "creeper": -1, "lava": -1},
+     2: {"creeper": -1}, 3: {"smith_table": 4, "creeper": -1, "lava": -1}, 4: {"lava": -1}},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("k", range(4))
+def test_compiled_safeguards_equal_the_authors_automata(k):
+    space = ProductSpace(MINECRAFT_SAFEGUARDS)
+    assert space.names == ["start", "wood", "wood+bench", "wood+iron", "wood+iron+smith"]  # their numbering 0-4
+    table = space.table(k, psl.GRID_LABEL_SETS)
+    for state, moves in AUTHORS[k].items():
+        for j, label in enumerate(psl.GRID_LABELS):
+            assert table[state, j] == moves.get(label, state), (k, state, label)
 
 
 @pytest.mark.parametrize("sg", MINECRAFT_SAFEGUARDS + DOOM_SAFEGUARDS, ids=lambda s: s.name[:2])
@@ -64,62 +83,62 @@ def test_sink_is_absorbing(sg):
         assert sg.step(SINK, labels) == SINK
 
 
-def test_doom_safeguards():
+def test_doom_safeguards_as_the_authors_callbacks():
     s0, s1, s2 = DOOM_SAFEGUARDS
     assert s0.run([L("armor"), L("armor", "lava")]) == ["start", SINK]
     assert s1.run([L("armor"), L("armor", "lava"), L("armor")]) == ["armor", "armor", "armor"]
     assert s1.run([L("lava")]) == [SINK]
     assert s1.run([L("armor"), L("armor", "weapon", "boss_area")]) == ["armor", SINK]
+    assert s1.run([L("boss_area")]) == ["start"]  # their state 0 checks the lava only
     assert s2.run([L("armor"), L("armor", "lava", "weapon"), L("armor", "weapon", "boss_area")]) == [
         "armor", "armed", "armed"]  # fmt: skip
     assert s2.run([L("armor"), L("armor", "boss_area")]) == ["armor", SINK]
-    assert s2.run([L("weapon"), L("boss_area")]) == ["start", SINK]
+    assert s2.run([L("lava", "armor")]) == ["armor"]  # armor is checked first, as theirs
 
 
-# ---------------------------------------------------------------- product state, eq. 7 ancestors and transfer
+# ---------------------------------------------------------------- eq. 7: ancestors, sources, transfer
 def test_ancestors_walk_parent_steps_loop_free():
-    assert SG5.ancestors("start", 3) == []
-    assert SG5.ancestors("crafted", 1) == ["bench+iron", "wood+iron+smith"]
-    assert SG5.ancestors("crafted", 2) == ["bench+iron", "wood+iron+smith", "wood+bench", "wood+iron"]
-    assert set(SG5.ancestors("crafted", 10)) == {"bench+iron", "wood+iron+smith", "wood+bench", "wood+iron", "wood",
-                                                 "start"}  # fmt: skip
+    assert SG4.ancestors("start", 3) == []
+    assert SG4.ancestors("wood+iron+smith", 1) == ["wood+iron"]
+    assert SG4.ancestors("wood+iron+smith", 2) == ["wood+iron", "wood"]
+    assert SG4.ancestors("wood+iron+smith", 10) == ["wood+iron", "wood", "start"]
     assert SG3.ancestors("wood+bench", 1) == ["wood"]
 
 
-def test_product_space_ids_and_compiled_tables_match_the_machines():
+def test_transfer_sources_paper_vs_authors():
     space = ProductSpace(MINECRAFT_SAFEGUARDS)
-    assert space.names == ["start", "wood", "wood+bench", "wood+iron", "wood+iron+smith", "bench+iron", "crafted"]
-    for k, sg in enumerate(MINECRAFT_SAFEGUARDS):
-        table = space.table(k, psl.GRID_LABEL_SETS)
-        for name in sg.states:
-            for j, labels in enumerate(psl.GRID_LABEL_SETS):
-                nxt = sg.step(name, labels)
-                assert table[space.index[name], j] == (-1 if nxt == SINK else space.index[nxt])
-    t3 = space.table(2, psl.GRID_LABEL_SETS)
-    assert t3[space.index["wood"], psl.GRID_LABELS.index("work_bench")] == space.index["wood+bench"]
-    assert t3[space.index["wood+bench"], psl.GRID_LABELS.index("lava")] == space.index["wood+bench"]
-    assert t3[space.index["start"], psl.GRID_LABELS.index("lava")] == -1
+    smith = space.index["wood+iron+smith"]
+    # the paper: the ancestors of the new state; the authors: states 0..i-1 (i = 3 for the 4th safeguard), which
+    # takes the sibling wood+bench (2) and misses the parent wood+iron (3)
+    assert psl.transfer_sources(space, SG4, smith, 3, "ancestors", 4) == [3, 1, 0]
+    assert psl.transfer_sources(space, SG4, smith, 3, "authors", 4) == [0, 1, 2]
 
 
-def test_bias_transfer_averages_visited_ancestors_times_factor():
+def test_new_states_of_each_safeguard():
+    space = ProductSpace(MINECRAFT_SAFEGUARDS)
+    assert space.new_states([0, 1, 2, 3]) == [[0], [1], [2], [3, 4]]
+    assert space.new_states([3]) == [[0, 1, 2, 3, 4]]  # zero-shot: everything is new
+    assert ProductSpace(DOOM_SAFEGUARDS).new_states([0, 1, 2]) == [[0], [1], [2]]
+
+
+def test_bias_transfer_averages_visited_sources_times_factor():
     space = ProductSpace(MINECRAFT_SAFEGUARDS)
     Q = np.zeros((len(space.names), 10, 10, 5))
     visited = np.zeros(Q.shape[:3], dtype=bool)
-    cell = (3, 3)
-    Q[(space.index["wood"], *cell)] = [1, 2, 3, 4, 5]
-    Q[(space.index["start"], *cell)] = [3, 2, 1, 0, -1]
-    visited[(space.index["wood"], *cell)] = visited[(space.index["start"], *cell)] = True
-    target = space.index["wood+bench"]
-    assert psl.bias_transfer(Q, visited, SG3, space, target, cell, factor=0.5, depth=2)
+    cell, wood, start, target = (3, 3), space.index["wood"], space.index["start"], space.index["wood+bench"]
+    Q[(wood, *cell)] = [1, 2, 3, 4, 5]
+    Q[(start, *cell)] = [3, 2, 1, 0, -1]
+    visited[(wood, *cell)] = visited[(start, *cell)] = True
+    assert psl.bias_transfer(Q, visited, target, cell, [wood, start], factor=0.5)
     np.testing.assert_allclose(Q[(target, *cell)], [1.0] * 5)  # 0.5 * mean([1..5], [3..-1]) = 0.5 * 2
-    assert psl.bias_transfer(Q, visited, SG3, space, target, cell, factor=1.0, depth=1)
+    assert psl.bias_transfer(Q, visited, target, cell, [wood], factor=1.0)
     np.testing.assert_allclose(Q[(target, *cell)], [1, 2, 3, 4, 5])  # closest ancestor only
-    visited[(space.index["wood"], *cell)] = False  # unvisited ancestors are left out of the average
-    assert psl.bias_transfer(Q, visited, SG3, space, target, cell, factor=1.0, depth=2)
+    visited[(wood, *cell)] = False  # unvisited sources are left out of the average
+    assert psl.bias_transfer(Q, visited, target, cell, [wood, start], factor=1.0)
     np.testing.assert_allclose(Q[(target, *cell)], [3, 2, 1, 0, -1])
     visited[:] = False
     Q[(target, *cell)] = 7.0
-    assert not psl.bias_transfer(Q, visited, SG3, space, target, cell, factor=1.0, depth=2)
+    assert not psl.bias_transfer(Q, visited, target, cell, [wood, start], factor=1.0)
     np.testing.assert_allclose(Q[(target, *cell)], 7.0)
 
 
@@ -132,6 +151,26 @@ def test_has_converged():
     assert not psl.has_converged([1.0, 1.0, 1.0], window=2, tol=0.01)
     assert not psl.has_converged([0.0, 0.0, 1.0, 1.0], window=2, tol=0.01)
     assert psl.has_converged([5.0, 0.5, 0.5, 0.5, 0.505], window=2, tol=0.01)
+
+
+def test_progression_fixed_budget_and_convergence():
+    p = psl.Progression([0, 1, 2], [10, 20, 30], "fixed", window=2, tol=0.01)
+    for v in [1.0] * 8:
+        p.record(v)  # settled values do not matter under the fixed rule
+    assert not p.advance(9) and p.safeguard == 0
+    assert p.advance(10) and p.safeguard == 1 and p.values == []
+    assert not p.advance(19) and p.advance(20) and p.safeguard == 2
+    assert not p.advance(10_000) and p.switches == [10, 20]  # the last safeguard runs to the end
+    p = psl.Progression([0, 1, 2], [10, 20, 30], "converge", window=2, tol=0.01)
+    for v in [0.0, 0.5, 0.9]:
+        p.record(v)
+    assert not p.advance(3)
+    p.record(0.9)  # windows [0.0, 0.5] and [0.9, 0.9] still differ
+    assert not p.advance(4)
+    for v in [0.9, 0.9]:
+        p.record(v)
+    assert p.advance(6) and p.safeguard == 1 and p.switches == [6]
+    assert p.advance(20) and p.safeguard == 2  # at the latest at the fixed budget
 
 
 # ---------------------------------------------------------------- the gridworld
@@ -188,105 +227,278 @@ def test_fear_table_is_danger_frequency():
     np.testing.assert_allclose(fear((np.array([0, 1]),)), [0.75, 0.0])
 
 
+def test_policy_table_falls_back_to_the_initial_state_as_the_authors_test():
+    Q = np.zeros((3, 10, 10, 5))
+    visited = np.zeros(Q.shape[:3], dtype=bool)
+    Q[0, 1, 1], visited[0, 1, 1] = [0, 1, 0, 0, 0], True
+    Q[2, 1, 1], visited[2, 1, 1] = [0, 0, 0, 0, 1], True
+    P = psl.policy_table(Q, visited, 3, start=0)
+    np.testing.assert_array_equal(P[1, 1, 1], [0, 1, 0, 0, 0])  # (s, q1) never visited: read (s, q0)
+    np.testing.assert_array_equal(P[2, 1, 1], [0, 0, 0, 0, 1])
+    assert psl.policy_table(Q[:1], visited[:1], 3, start=0).shape == (3, 10, 10, 5)  # MDP-state agents
+
+
+def _slow_safety_probability(P, table, slip, horizon, start):
+    """Independent check: plain loops over (layout, state, cell, chosen action, executed action, time)."""
+    maps = psl.minecraft_label_maps()
+    total = 0.0
+    for lay, p_lay in zip(range(3), psl.GRID_LAYOUT_P):
+        V = {(q, r, c): 1.0 for q in range(len(table)) for r in range(10) for c in range(10)}
+        for _ in range(horizon):
+            new = {}
+            for (q, r, c) in V:
+                row = P[q, r, c]
+                best = [a for a in range(5) if row[a] == row.max()]
+                value = 0.0
+                for a in best:
+                    for a2 in range(5):
+                        pa = (1 - slip) * (a2 == a) + slip / 5
+                        r2, c2 = min(max(r + psl.GRID_MOVES[a2][0], 0), 9), min(max(c + psl.GRID_MOVES[a2][1], 0), 9)
+                        q2 = table[q, maps[lay, r2, c2]]
+                        value += pa * (V[(q2, r2, c2)] if q2 >= 0 else 0.0) / len(best)
+                new[(q, r, c)] = value
+            V = new
+        total += p_lay * V[(start, *psl.GRID_START)]
+    return total
+
+
+def test_safety_probability_matches_a_slow_implementation_and_is_below_the_optimum():
+    space = ProductSpace(MINECRAFT_SAFEGUARDS)
+    table = space.table(3, psl.GRID_LABEL_SETS)
+    rng = np.random.default_rng(0)
+    P = np.round(rng.random((5, 10, 10, 5)), 1)  # rounded: many ties, to test the uniform tie-breaking
+    exact = psl.safety_probability(P, table, 0.3, 8, start=0)
+    assert exact == pytest.approx(_slow_safety_probability(P, table, 0.3, 8, 0), abs=1e-12)
+    assert 0.5 < exact < psl.safety_probability(None, table, 0.3, 8, 0) - 0.01  # (0.94 and 0.9999 here)
+    # "stay" everywhere: the only risk is slipping, and from the start no hazard is reachable in 2 steps
+    stay = np.zeros((5, 10, 10, 5))
+    stay[..., 4] = 1.0
+    assert psl.safety_probability(stay, table, 0.05, 2, 0) == pytest.approx(1.0)
+
+
 def _run(tmp_path, **overrides):
     args = psl.Args(**{"total_episodes": 300, "max_episode_steps": 1, "num_envs": 1, "epsilon": 1.0, "alpha": 1.0,
-                       "gamma": 0.5, "slip_probability": 0.0, "eval_episodes": 2, "method": "zero-shot", **overrides})
+                       "gamma": 0.5, "slip_probability": 0.0, "eval_episodes": 2, "method": "zero-shot",
+                       "exact_eval_every": 0, **overrides})  # fmt: skip
     logger = psl.Logger("t", args, root=str(tmp_path), quiet=True)
     out = psl.run_gridworld(args, logger)
     logger.close()
-    return out["Q"][(0, *psl.GRID_START)]
+    return out
 
 
 def test_q_learning_updates_the_executed_action(tmp_path):
     # one-step episodes from s0 with random actions: every executed action gets its own value: a move gives
     # 0.1 + 0.5 * 0 (unvisited neighbour); "stay" bootstraps on s0 itself, fixed point 0.1 / (1 - 0.5) = 0.2
-    q_s0 = _run(tmp_path)
+    q_s0 = _run(tmp_path)["Q"][(0, *psl.GRID_START)]
     np.testing.assert_allclose(q_s0, [0.1, 0.1, 0.1, 0.1, 0.2], atol=1e-6)
     # the authors' update moves only the greedy action (ties broken once, then always the same action)
-    q_bug = _run(tmp_path, authors_update=True)
+    q_bug = _run(tmp_path, authors_update=True)["Q"][(0, *psl.GRID_START)]
     assert np.count_nonzero(q_bug) == 1
 
 
-# ---------------------------------------------------------------- the generated Doom map
-def test_wad_is_a_pwad_with_udmf_map():
-    text = psl.udmf_textmap()
+def test_eq7_changes_the_new_states_values(tmp_path):
+    kw = dict(method="psl", progression="fixed", total_episodes=80, max_episode_steps=60, num_envs=4, epsilon=0.3,
+              slip_probability=0.05, gamma=0.9, alpha=0.9, seed=2)  # fmt: skip
+    with_transfer, without = _run(tmp_path, transfer_factor=1.0, **kw)["Q"], _run(tmp_path, transfer_factor=0.0, **kw)["Q"]
+    # the states the later safeguards add (wood, wood+bench, ...) start from their ancestors' values with factor 1
+    # and from 0 with factor 0; the tables differ there
+    assert np.count_nonzero(with_transfer[1:]) and np.count_nonzero(without[1:])
+    assert not np.allclose(with_transfer[1:], without[1:])
+
+
+def test_intrinsic_fear_with_factor_0_is_the_baseline(tmp_path):
+    kw = dict(total_episodes=60, max_episode_steps=80, num_envs=4, epsilon=0.1, alpha=0.9, gamma=0.9,
+              slip_probability=0.05, seed=5)  # fmt: skip
+    base = _run(tmp_path, method="baseline", **kw)
+    fear = _run(tmp_path, method="intrinsic-fear", fear_factor=0.0, **kw)
+    np.testing.assert_array_equal(base["Q"], fear["Q"])
+    assert base["training_violations"] == fear["training_violations"] > 0
+    assert base["violation_steps"] == fear["violation_steps"]
+    feared = _run(tmp_path, method="intrinsic-fear", fear_factor=0.1, **kw)
+    assert not np.array_equal(base["Q"], feared["Q"])
+
+
+def test_baselines_play_on_after_a_violation_unless_guarded(tmp_path):
+    kw = dict(total_episodes=40, max_episode_steps=200, num_envs=4, epsilon=1.0, slip_probability=0.05, seed=1,
+              method="baseline")  # fmt: skip
+    free, guarded = _run(tmp_path, **kw), _run(tmp_path, baselines_guarded=True, **kw)
+    assert free["env_steps"] >= 40 * 200  # every episode runs to the horizon
+    assert free["violation_steps"] > free["training_violations"] > 0  # several violating steps per episode
+    assert free["safeguard_violations"] == 0  # no safeguard in force
+    assert guarded["env_steps"] < 40 * 200 and guarded["safeguard_violations"] > 0  # stopped at the first one
+    assert guarded["violation_steps"] == guarded["training_violations"]
+
+
+def test_common_metric_counts_the_final_safeguard_for_psl(tmp_path):
+    # PSL trains under other safeguards first: its violations of the safeguard in force and of the final safeguard
+    # (the metric shared with the other methods) are counted apart
+    out = _run(tmp_path, method="psl", progression="fixed", total_episodes=200, max_episode_steps=300, num_envs=8,
+               epsilon=0.3, slip_probability=0.05, seed=3)  # fmt: skip
+    assert out["safeguard_violations"] > 0 and out["training_violations"] > 0
+    assert out["switches"] == [50, 100, 150]
+
+
+# ---------------------------------------------------------------- the generated Doom map and its labels
+def test_wad_is_a_pwad_with_udmf_map(tmp_path):
+    text = doom.udmf_textmap()
     assert text.startswith('namespace = "zdoom";') and "LAVA1" in text and "type = 3003;" in text
-    path = psl.write_wad(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"psl_test_{os.getpid()}.wad"))
+    path = doom.write_wad(str(tmp_path / "m.wad"))
     with open(path, "rb") as f:
         data = f.read()
     magic, nlumps, diroff = struct.unpack("<4sii", data[:12])
     names = [data[diroff + 16 * i + 8 : diroff + 16 * i + 16].rstrip(b"\0") for i in range(nlumps)]
     assert magic == b"PWAD" and names == [b"MAP01", b"TEXTMAP", b"ENDMAP"]
-    os.remove(path)
+
+
+def test_action_set_is_the_authors():
+    assert len(doom.ACTIONS) == 54 and len(set(map(tuple, doom.ACTIONS))) == 54
+    assert doom.ACTIONS[doom.action_index(move=1)] == [0, 0, 1, 0, 0, 0, 0]  # forward only
+    assert doom.ACTIONS[doom.action_index(turn=2, strafe=1, attack=1)] == [0, 1, 0, 0, 1, 0, 1]
+    assert "USE" not in doom.BUTTONS
 
 
 @pytest.fixture(scope="module")
-def doom(tmp_path_factory):
-    wad = psl.write_wad(str(tmp_path_factory.mktemp("wad") / "map.wad"))
-    env = psl.DoomVecEnv(1, wad, seed=0, frame_skip=4, episode_tics=2000, stack=2, cheats=True)
+def game(tmp_path_factory):
+    wad = doom.write_wad(str(tmp_path_factory.mktemp("wad") / "map.wad"))
+    env = doom.DoomVecEnv(1, wad, seed=0, frame_skip=4, episode_tics=4200, stack=2, num_workers=0, cheats=True)
     yield env
     env.close()
 
 
-def _warp(env, x, y, steps=3, action=1):
-    """Teleport the player (cheat `warp`; it keeps facing north) and repeat an action (1 = turn left: stay put,
-    0 = forward: items are picked up by touching them, a teleport onto them does not count)."""
-    env.reset_one(0)
-    env.games[0].send_game_command(f"warp {x} {y}")
+FORWARD, TURN = doom.action_index(move=1), doom.action_index(turn=1)
+
+
+def _place(env, x, y, steps=3, action=TURN, reset=True):
+    """Teleport the player (cheat `warp`; after a reset it faces north) and repeat an action (turning = stay put;
+    forward: items are picked up by touching them, a teleport onto them does not count)."""
+    if reset:
+        env.reset()
+    env.command(0, f"warp {x} {y}")
     return [env.step([action]) for _ in range(steps)]
 
 
-def test_wad_loads_and_start_is_safe(doom):
-    doom.reset_one(0)
-    assert doom.obs().shape == (1, 6, 60, 80) and doom.obs().max() > 0  # something was rendered
-    assert doom.labels() == [E]
-    assert doom.vars[0][4] == 100  # HEALTH
+def test_wad_loads_and_start_is_safe(game):
+    obs, gv = game.reset()
+    assert obs.shape == (1, 6, 60, 80) and obs.max() > 0  # something was rendered
+    assert psl.doom_labels(gv[0]) == E and gv[0][4] == 100  # HEALTH
 
 
-def test_label_lava_fires_and_lava_hurts(doom):
-    out = _warp(doom, 256, 448, steps=12)
-    assert all("lava" in o[2][0] for o in out)
-    assert doom.vars[0][4] < 100  # the damaging floor works
+def test_label_lava_fires_and_lava_hurts(game):
+    out = _place(game, 256, 448, steps=12)
+    assert all("lava" in psl.doom_labels(o[1][0]) for o in out)
+    assert out[-1][1][0][4] < 100  # the damaging floor works
 
 
-def test_label_armor_fires_on_pickup_with_reward(doom):
-    out = _warp(doom, 416, 100, steps=6, action=0)
-    assert "armor" not in out[0][2][0] and "armor" in out[-1][2][0] and doom.vars[0][2] == 100
-    assert sum(o[1][0] for o in out) == pytest.approx(1.0)  # 0.01 per armor point
+def test_label_armor_fires_on_pickup_with_reward(game):
+    _, prev = game.reset()
+    out = _place(game, 416, 100, steps=6, action=FORWARD, reset=False)
+    gvs = [prev[0]] + [o[1][0] for o in out]
+    assert "armor" not in psl.doom_labels(gvs[1]) and "armor" in psl.doom_labels(gvs[-1]) and gvs[-1][2] == 100
+    assert sum(psl.doom_reward(a, b, False) for a, b in zip(gvs, gvs[1:])) == pytest.approx(1.0)  # 0.01 per point
 
 
-def test_label_weapon_fires_on_pickup(doom):
-    out = _warp(doom, 256, 640, steps=6, action=0)
-    assert "weapon" not in out[0][2][0] and "weapon" in out[-1][2][0]
-    assert sum(o[1][0] for o in out) == pytest.approx(1.0)
+def test_label_weapon_fires_on_pickup_with_reward(game):
+    _, prev = game.reset()
+    out = _place(game, 256, 640, steps=6, action=FORWARD, reset=False)
+    gvs = [prev[0]] + [o[1][0] for o in out]
+    assert "weapon" not in psl.doom_labels(gvs[1]) and "weapon" in psl.doom_labels(gvs[-1])
+    assert sum(psl.doom_reward(a, b, False) for a, b in zip(gvs, gvs[1:])) == pytest.approx(1.0)
 
 
-def test_label_boss_area_fires_after_opening_and_crossing_the_door(doom):
-    _warp(doom, 256, 850)
-    assert "boss_area" not in doom.labels()[0]
-    seen = []
-    for _ in range(30):  # forward + use: the door opens, the player walks through (start angle: north)
-        seen.append(doom.step([6])[2][0])
+def test_the_door_opens_when_walked_into_and_leads_to_the_boss_area(game):
+    out = _place(game, 256, 850, steps=1)
+    assert "boss_area" not in psl.doom_labels(out[-1][1][0])
+    seen = [psl.doom_labels(game.step([FORWARD])[1][0]) for _ in range(30)]  # no USE button: walking opens it
     assert any("boss_area" in labels for labels in seen)
+
+
+def test_the_last_step_of_an_episode_is_labelled_and_rewarded(game):
+    _place(game, 256, 448, steps=1)
+    prev = game.step([TURN])[1][0]
+    for _ in range(200):  # stand in the lava without armor until the player dies
+        obs, gv, done, dead, start_gv = game.step([TURN])
+        if done[0]:
+            break
+        prev = gv[0]
+    assert done[0] and dead[0]
+    labels = psl.doom_labels(gv[0])  # the variables of the dying step, read after the episode finished
+    assert "lava" in labels and gv[0][4] <= 0
+    assert psl.doom_checks([labels]).tolist() == [[True, False]]
+    assert psl.doom_reward(prev, gv[0], True) == pytest.approx(-1.0)
+    assert start_gv[0][4] == 100 and psl.doom_labels(start_gv[0]) == E  # the next episode has begun
+
+
+def _safeguard_in_force(method):
+    """The safeguard each method trains under at the start (psl: the first of the progression)."""
+    return {"psl": DOOM_SAFEGUARDS[0], "zero-shot": DOOM_SAFEGUARDS[-1]}.get(method)
+
+
+@pytest.mark.parametrize("method", psl.METHODS)
+def test_common_doom_metric_on_placed_situations(game, method):
+    sg = _safeguard_in_force(method)
+    # armor, then lava: no violation of the common metric, for every method
+    _, gv0 = game.reset()
+    steps = [o[1][0] for o in _place(game, 416, 100, steps=6, action=FORWARD, reset=False)]
+    steps += [o[1][0] for o in _place(game, 256, 448, steps=4, reset=False)]
+    labels = [psl.doom_labels(v) for v in steps]
+    assert "armor" in labels[-1] and "lava" in labels[-1]
+    states, sg_viol = [psl.INITIAL], 0
+    for lab in labels:
+        states, v = psl.step_safeguard(sg, states, [lab])
+        sg_viol += int(v.sum())
+    assert psl.doom_checks(labels).any(0).sum() == 0  # per episode: 0
+    # ... while PSL's first safeguard ("never lava") counts it: the per-safeguard count is not comparable
+    assert sg_viol == (1 if method == "psl" else 0)
+    # lava without armor: one violation per episode, for every method
+    labels = [psl.doom_labels(o[1][0]) for o in _place(game, 256, 448, steps=4)]
+    checks = psl.doom_checks(labels)
+    assert checks.any(0).sum() == 1 and checks[:, 0].all()
+    states, v = psl.step_safeguard(sg, [psl.INITIAL], labels[:1])
+    assert v.tolist() == [sg is not None]
+
+
+def test_worker_processes_give_the_same_games_as_one_process(tmp_path):
+    wad = doom.write_wad(str(tmp_path / "m.wad"))
+    rng = np.random.default_rng(0)
+    actions = rng.integers(0, len(doom.ACTIONS), (40, 3))
+    runs = []
+    for workers in (0, 2):
+        env = doom.DoomVecEnv(3, wad, seed=7, frame_skip=4, episode_tics=60, stack=2, num_workers=workers)
+        obs, gv = env.reset()
+        out = [(obs, gv)]
+        for a in actions:
+            obs, gv, done, dead, start_gv = env.step(a)
+            out.append((obs, gv, done))
+        obs, gv = env.reset(mask=[False, True, False])
+        out.append((obs, gv))
+        env.close()
+        runs.append(out)
+    assert any(o[2].any() for o in runs[0][1:-1])  # timeouts happened (60 tics = 15 steps)
+    for a, b in zip(*runs):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
 
 
 # ---------------------------------------------------------------- smoke tests: the script as a user runs it
 GRID_TAGS = {"charts/episodic_return", "charts/episodic_cost", "charts/episodic_length", "charts/cost_rate",
-             "charts/SPS", "charts/V_s0", "charts/violations", "charts/safeguard_index", "eval/episodic_return",
-             "eval/episodic_cost"}  # fmt: skip
+             "charts/SPS", "charts/V_s0", "charts/U_s0", "charts/violations", "charts/violation_steps",
+             "charts/safeguard_violations", "charts/safeguard_index", "charts/safety_probability",
+             "eval/episodic_return", "eval/episodic_cost", "eval/safety_probability",
+             "eval/optimal_safety_probability"}  # fmt: skip
 
 
 @pytest.mark.parametrize("method", psl.METHODS)
 def test_smoke_minecraft(tmp_path, method):
     run_script("psl.py", "--method", method, "--progression", "fixed", "--total-episodes", "40",
-               "--max-episode-steps", "30", "--num-envs", "4", "--eval-episodes", "5", cwd=tmp_path)
+               "--max-episode-steps", "30", "--num-envs", "4", "--eval-episodes", "5", "--exact-eval-every", "20",
+               cwd=tmp_path)  # fmt: skip
     (run_dir,) = run_dirs(tmp_path)
     assert run_dir.name.startswith("minecraft__psl__1__")
     scalars = read_scalars(run_dir)
     assert GRID_TAGS <= set(scalars)
     assert len(scalars["charts/episodic_return"]) >= 40
-    sg = [v for _, v in scalars["charts/safeguard_index"]]
-    assert max(sg) == 4 and (min(sg) == 0) == (method == "psl")  # psl walks the progression, others: final only
+    # psl walks the progression (10 episodes per safeguard), the others run the final safeguard only
+    assert [v for _, v in scalars["charts/safeguard_index"]] == ([0.0, 1.0, 2.0, 3.0] if method == "psl" else [3.0])
 
 
 DOOM_SMOKE = ["--env-id", "vizdoom", "--total-timesteps", "64", "--num-envs", "2", "--num-steps", "16",
@@ -295,11 +507,13 @@ DOOM_SMOKE = ["--env-id", "vizdoom", "--total-timesteps", "64", "--num-envs", "2
 
 @pytest.mark.parametrize("method", psl.METHODS)
 def test_smoke_vizdoom(tmp_path, method):
-    run_script("psl.py", "--method", method, "--save-model", *DOOM_SMOKE, cwd=tmp_path)
+    workers = "2" if method == "psl" else "0"  # games in worker processes once; in this process otherwise (faster)
+    run_script("psl.py", "--method", method, "--save-model", "--doom-workers", workers, *DOOM_SMOKE, cwd=tmp_path)
     (run_dir,) = run_dirs(tmp_path)
     scalars = read_scalars(run_dir)
-    assert {"charts/SPS", "charts/violations", "charts/safeguard_index", "losses/policy_loss", "losses/value_loss",
-            "charts/V_s0", "eval/episodic_return"} <= set(scalars)  # fmt: skip
+    assert {"charts/SPS", "charts/violations", "charts/violation_steps", "charts/safeguard_violations",
+            "charts/safeguard_index", "losses/policy_loss", "losses/value_loss", "charts/V_s0",
+            "eval/episodic_return", "eval/episodic_cost"} <= set(scalars)  # fmt: skip
     assert (run_dir / "psl_vizdoom.pt").exists()
     if method == "psl":
         assert [v for _, v in scalars["charts/safeguard_index"]] == [0.0, 1.0]  # 64 steps: stage ends at 4 and 24
@@ -311,6 +525,8 @@ def test_smoke_vizdoom(tmp_path, method):
     ({"total_episodes": 0}, "--total-episodes must be positive"),
     ({"env_id": "vizdoom", "total_timesteps": -5}, "--total-timesteps must be positive"),
     ({"transfer_factor": -1.0}, "--transfer-factor must be in [0, 1]"),
+    ({"transfer": "siblings"}, "--transfer must be one of ancestors, authors"),
+    ({"stage_episodes": -1}, "--stage-episodes and --exact-eval-every must be >= 0"),
     ({"env_id": "vizdoom", "doom_stage_fractions": (0.5, 0.2)}, "--doom-stage-fractions must be two increasing"),
 ])  # fmt: skip
 def test_bad_input_is_rejected_clearly(bad, message):
@@ -327,10 +543,10 @@ def test_bad_input_from_the_command_line_exits_without_traceback(tmp_path):
 
 def test_same_seed_reproduces_the_gridworld_run(tmp_path):
     kw = dict(method="psl", total_episodes=60, max_episode_steps=40, num_envs=4, epsilon=0.1, alpha=0.9, gamma=0.9,
-              slip_probability=0.05, progression="fixed")  # fmt: skip
-    a, b = (psl.Args(seed=3, eval_episodes=3, **kw) for _ in range(2))
+              slip_probability=0.05, progression="fixed", exact_eval_every=0)  # fmt: skip
     runs = []
-    for k, args in enumerate((a, b, psl.Args(seed=4, eval_episodes=3, **kw))):
+    for k, seed in enumerate((3, 3, 4)):
+        args = psl.Args(seed=seed, eval_episodes=3, **kw)
         logger = psl.Logger(f"r{k}", args, root=str(tmp_path), quiet=True)
         runs.append(psl.run_gridworld(args, logger))
         logger.close()
