@@ -680,7 +680,7 @@ class GPDynamics:
         """k_d(a, b) for every output d: a (n, I) or (D, n, I), b (m, I) or (D, m, I) -> (D, n, m)."""
         a, b = a / self.lengthscale, b / self.lengthscale
         sq = a.pow(2).sum(-1)[..., :, None] + b.pow(2).sum(-1)[..., None, :]
-        sq = sq.baddbmm_(a.expand(b.shape[0], -1, -1), b.transpose(-1, -2), alpha=-2)  # |a|^2 + |b|^2 - 2 a.b
+        sq = sq.baddbmm_(a, b.transpose(-1, -2), alpha=-2)  # |a|^2 + |b|^2 - 2 a.b, a and b now (D, ., I)
         # eq. ARD squared-exponential kernel: k_d(a, b) = o_d exp(-|(a - b) / l_d|^2 / 2)
         return sq.clamp_min_(0).mul_(-0.5).exp_().mul_(self.outputscale[:, None, None])
 
