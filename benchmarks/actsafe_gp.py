@@ -83,8 +83,12 @@ class TrueDynamics:
         return nxt - z[:, :3], torch.zeros_like(nxt)
 
 
-def reference_episodes(seeds: list[int], samples: list[int]) -> list[dict]:
-    """The task planner with a perfect model (beta 0: one particle), constrained and unconstrained."""
+REFERENCE_PLANNERS = [(100, 15, 3), (1000, 15, 3), (100, 20, 5), (1000, 20, 5)]  # (samples, horizon, iterations)
+
+
+def reference_episodes(seeds: list[int], planners: list[tuple[int, int, int]]) -> list[dict]:
+    """The task planner with a perfect model (beta 0: one particle), constrained and unconstrained, for CEM sizes
+    (samples, horizon, iterations): the default (100, 15, 3) and the notes' horizon and iterations (20, 5)."""
     import torch
 
     import actsafe
@@ -95,17 +99,19 @@ def reference_episodes(seeds: list[int], samples: list[int]) -> list[dict]:
     env.reset(seed=0)
     rows = []
     for lam in (1e6, 0.0):
-        for num_samples in samples:
+        for num_samples, horizon, iterations in planners:
             for seed in seeds:
                 args = actsafe.Args(dynamics="gp", env_id="SafePendulum", gp_beta=0.0, gp_lambda=lam,
-                                    gp_samples=num_samples, gp_elites=num_samples // 10)
+                                    gp_samples=num_samples, gp_elites=num_samples // 10, gp_horizon=horizon,
+                                    gp_iterations=iterations)
                 ep = actsafe.mpc_episode(env, TrueDynamics(args.action_repeat), args, False,
                                          torch.Generator().manual_seed(seed), torch.device("cpu"))
-                rows.append({"lambda": lam, "samples": num_samples, "seed": seed, "return": ep["return"],
-                             "violations": ep["violations"], "max_speed": ep["max_speed"], "upright": ep["upright"]})
-                print(f"  true dynamics, lambda {lam:g}, {num_samples} samples, seed {seed}: return "
-                      f"{ep['return']:.1f}, violating steps {ep['violations']}, max |speed| {ep['max_speed']:.2f}",
-                      flush=True)
+                rows.append({"lambda": lam, "planner": [num_samples, horizon, iterations], "seed": seed,
+                             "return": ep["return"], "violations": ep["violations"], "max_speed": ep["max_speed"],
+                             "upright": ep["upright"]})
+                print(f"  true dynamics, lambda {lam:g}, CEM {num_samples} samples, horizon {horizon}, {iterations} "
+                      f"iterations, seed {seed}: return {ep['return']:.1f}, violating steps {ep['violations']}, "
+                      f"max |speed| {ep['max_speed']:.2f}", flush=True)
     return rows
 
 
@@ -168,8 +174,8 @@ if __name__ == "__main__":
     p.add_argument("--workdir", type=Path, default=Path("/tmp/actsafe_gp"), help="where the runs are written")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--reference-samples", type=int, nargs="*", default=[100, 1000],
-                   help="CEM samples of the true-dynamics reference episodes (none: skip them)")
+    p.add_argument("--no-reference", action="store_true", help="skip the true-dynamics reference episodes")
+    p.add_argument("--reference-only", action="store_true", help="only the true-dynamics reference episodes")
     p.add_argument("--plot-only", action="store_true", help="redraw from <workdir>/results.json")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "img" / "actsafe_gp_episodes.png")
     p.add_argument("extra", nargs="*", help="more actsafe.py flags for every run (after --)")
@@ -178,10 +184,10 @@ if __name__ == "__main__":
     store = cli.workdir / "results.json"
     saved = json.loads(store.read_text()) if store.exists() else {"runs": [], "reference": []}
     if not cli.plot_only:
-        if cli.reference_samples:
-            saved["reference"] = reference_episodes(cli.seeds[:3], cli.reference_samples)
+        if not cli.no_reference:
+            saved["reference"] = reference_episodes(cli.seeds[:3], REFERENCE_PLANNERS)
             store.write_text(json.dumps(saved))
-        for seed in cli.seeds:  # seed-major: an interrupted benchmark still has every method for its first seeds
+        for seed in cli.seeds if not cli.reference_only else []:  # seed-major: an interrupted run keeps whole seeds
             for method in cli.methods:
                 saved["runs"] = [r for r in saved["runs"] if (r["method"], r["seed"]) != (method, seed)]
                 saved["runs"].append(run_one(method, seed, cli.workdir, cli.extra))
@@ -192,11 +198,16 @@ if __name__ == "__main__":
     expansion = actsafe.Args.gp_expansion_episodes
     plot(saved["runs"], saved["reference"], expansion, SPEED_LIMIT, cli.out)
     print(table(saved["runs"], expansion))
+    print("| planner on the true dynamics | CEM samples, horizon, iterations | returns (seeds) | violating env steps | "
+          "max \\|speed\\| |")
+    print("|---|---|---|---|---|")
     for lam in (1e6, 0.0):
         rows = [r for r in saved["reference"] if r["lambda"] == lam]
-        for n in sorted({r["samples"] for r in rows}):
-            sel = [r for r in rows if r["samples"] == n]
+        for planner in sorted({tuple(r["planner"]) for r in rows}):
+            sel = [r for r in rows if tuple(r["planner"]) == planner]
+            name = "constrained (lambda 1e6)" if lam else "unconstrained (lambda 0)"
             returns = ", ".join(f"{r['return']:.0f}" for r in sel)
-            print(f"true dynamics, lambda {lam:g}, {n} samples: return {returns}; violating steps "
-                  f"{[r['violations'] for r in sel]}; max |speed| {max(r['max_speed'] for r in sel):.2f}")
+            violations = ", ".join(str(r["violations"]) for r in sel)
+            print(f"| {name} | {', '.join(map(str, planner))} | {returns} | {violations} | "
+                  f"{max(r['max_speed'] for r in sel):.2f} |")
     print(f"figure: {cli.out}")
