@@ -55,7 +55,7 @@ every episode; MPC by CEM over particles x' = x + mu + beta sigma eps; expansion
 - pessimism: max over particles of the trajectory cost      -> `pessimistic_trajectory_cost()`     (eq. pessimism)
 - penalised objective J - lambda C_pess, CEM                -> `gp_plan_objective()`, `cem_plan()`
 - Algorithm 1 (act, refit, repeat)                          -> `run_gp()`, `mpc_episode()`
-Deviations of the GP variant (details in docs/actsafe.md, "GP variant"): CEM sizes below the notes' (100 samples,
+Deviations of the GP variant (details in docs/actsafe_gp.md): CEM sizes below the notes' (100 samples,
 10 particles, 3 iterations, horizon 15) to fit a CPU; the GP conditions on at most 100 points per output (a greedy
 subset: its variance is never below the full data's); optimism as the notes' mean over particles (the co-authors'
 planner takes the max); the planner keeps the speed 0.12 rad/s under the limit (it sees agent steps only).
@@ -259,7 +259,8 @@ class Args:
     gp_iterations: int = 3
     """CEM iterations per agent step (the notes' 5; fewer to fit the CPU)"""
     gp_horizon: int = 15
-    """planning horizon in agent steps (the notes' 20; at 100 samples 15 plans the swing-up better, docs/actsafe.md)"""
+    """planning horizon in agent steps (the notes' 20; on the true dynamics 15 swung up as well or better,
+    docs/actsafe_gp.md)"""
     gp_speed_margin: float = 0.12
     """the planner keeps the predicted speed this far under the env's limit: it sees agent steps only, and the
     middle step of the action repeat can be up to 0.118 rad/s faster than both ends"""

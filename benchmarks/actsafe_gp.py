@@ -15,7 +15,7 @@ dynamics, with and without the constraint: what a perfect model would reach.
 
 The runs get MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ (glibc) of 1 GiB: without them glibc hands the
 planner's MB-sized temporary tensors back to the OS after every use and page-faults them in again, which cost about
-a third of a run's CPU time here (system time; see docs/actsafe.md, "GP variant"). Results do not depend on it.
+a third of a run's CPU time here (system time; see docs/actsafe_gp.md). Results do not depend on it.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def table(results: list[dict], expansion: int) -> str:
         lines.append(f"| {method} | {len(rs)} | {(viol > 0).sum()}/{viol.size} | {int(viol.sum())} | "
                      f"{speed.max():.2f} | {ret[:, :expansion].mean():.0f} | {task_ret.mean():.0f} "
                      f"(per seed {', '.join(f'{x:.0f}' for x in task_ret)}) | {100 * up[:, expansion:].mean():.0f}% | "
-                     f"{np.mean([r['cpu_s'] for r in rs]) / 60:.1f} |")
+                     f"{np.mean([r['cpu_s'] for r in rs if r.get('cpu_s') is not None]) / 60:.1f} |")
     return "\n".join(lines)
 
 
@@ -153,8 +153,8 @@ def plot(results: list[dict], reference: list[dict], expansion: int, limit: floa
             for v in values:
                 ax.plot(episodes, v, color=color, alpha=0.25, lw=1)
             ax.plot(episodes, values.mean(0), color=color, lw=2, marker="o", label=f"{method} (mean of {len(rs)})")
-    safe_ref = [r["return"] for r in reference if r["lambda"] > 0]
-    if safe_ref:
+    safe_ref = [r["return"] for r in reference if r["lambda"] > 0 and tuple(r["planner"]) == REFERENCE_PLANNERS[0]]
+    if safe_ref:  # the script's default CEM sizes on the true dynamics
         axes[0].axhline(np.mean(safe_ref), color="k", ls="--", lw=1, label="planner on the true dynamics, constrained")
     axes[0].set_title("episode return (100 env steps)")
     axes[1].set_title("violating env steps per episode (|speed| > 5.9)")
