@@ -14,8 +14,9 @@ dynamics, with and without the constraint: what a perfect model would reach.
 `--plot-only` redraws the figure and the table from results.json.
 
 The runs get MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ (glibc) of 1 GiB: without them glibc hands the
-planner's MB-sized temporary tensors back to the OS after every use and page-faults them in again, which cost about
-a third of a run's CPU time here (system time; see docs/actsafe_gp.md). Results do not depend on it.
+planner's MB-sized temporary tensors back to the OS after every use and page-faults them in again (a default run
+without them: 125 s of its 354 s CPU were system time, 36 million minor page faults; docs/actsafe_gp.md, "Speed").
+Results do not depend on it.
 """
 
 from __future__ import annotations
@@ -115,6 +116,12 @@ def reference_episodes(seeds: list[int], planners: list[tuple[int, int, int]]) -
     return rows
 
 
+def cpu_minutes(runs: list[dict]) -> str:
+    """Mean CPU minutes per run over the runs with a count (a run merged from elsewhere may have none)."""
+    counted = [r["cpu_s"] for r in runs if r.get("cpu_s") is not None]
+    return f"{np.mean(counted) / 60:.1f}" if counted else "n/a"
+
+
 def table(results: list[dict], expansion: int) -> str:
     lines = ["| method | seeds | episodes with a violation | violating env steps (total) | max \\|speed\\| (rad/s) | "
              "return, expansion episodes | return, task episodes | time upright, task episodes | CPU min / run |",
@@ -131,7 +138,7 @@ def table(results: list[dict], expansion: int) -> str:
         lines.append(f"| {method} | {len(rs)} | {(viol > 0).sum()}/{viol.size} | {int(viol.sum())} | "
                      f"{speed.max():.2f} | {ret[:, :expansion].mean():.0f} | {task_ret.mean():.0f} "
                      f"(per seed {', '.join(f'{x:.0f}' for x in task_ret)}) | {100 * up[:, expansion:].mean():.0f}% | "
-                     f"{np.mean([r['cpu_s'] for r in rs if r.get('cpu_s') is not None]) / 60:.1f} |")
+                     f"{cpu_minutes(rs)} |")
     return "\n".join(lines)
 
 
