@@ -43,6 +43,22 @@ Deviations (reasons and the other side's flag in docs/actsafe.md):
   rows; this lets tiny runs (the smoke tests) train before a 1000-step episode ends. Default 0: whole episodes.
 - Warm-up actions are uniform in [-1, 1] (the authors' code used [0, 1] by mistake).
 - `--capture-video` is not supported (rendering is the bottleneck on CPU); it is rejected with a message.
+
+GP variant (`--dynamics gp --env-id SafePendulum`; its own section of this file, "ActSafe with Gaussian-process
+dynamics"): the paper's GP setting on a pendulum swing-up with a speed limit (`common/pendulum.py`). An exact GP per
+state dimension (gpytorch, ARD squared-exponential kernel, fixed aleatoric noise) predicts x' - x and is refit after
+every episode; MPC by CEM over particles x' = x + mu + beta sigma eps; expansion episodes, then the task.
+- GP posterior mean and variance, ARD kernel, type-II ML    -> `GPDynamics` (`predict`, `kernel`, `fit`)
+- intrinsic reward sum_d log(1 + sigma_ep^2 / sigma_al^2)   -> `intrinsic_reward()`                (eq. intrinsic reward)
+- particles x' = x + mu + beta sigma eps                    -> `gp_rollout()`                      (eq. particles)
+- optimism: mean over particles of the summed reward        -> `gp_plan_objective()`               (eq. optimism)
+- pessimism: max over particles of the trajectory cost      -> `pessimistic_trajectory_cost()`     (eq. pessimism)
+- penalised objective J - lambda C_pess, CEM                -> `gp_plan_objective()`, `cem_plan()`
+- Algorithm 1 (act, refit, repeat)                          -> `run_gp()`, `mpc_episode()`
+Deviations of the GP variant (details in docs/actsafe_gp.md): CEM sizes below the notes' (100 samples,
+10 particles, 3 iterations, horizon 15) to fit a CPU; the GP conditions on at most 100 points per output (a greedy
+subset: its variance is never below the full data's); optimism as the notes' mean over particles (the co-authors'
+planner takes the max); the planner keeps the speed 0.12 rad/s under the limit (it sees agent steps only).
 """
 
 from __future__ import annotations
@@ -51,9 +67,10 @@ import functools
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
+import gpytorch
 import numpy as np
 import torch
 import torch.nn as nn
@@ -77,6 +94,7 @@ from common import (
 )
 from common.capture import resolve_speed_flags, speed_up
 from common.envs import default_async
+from common.pendulum import PENDULUM_IDS, SPEED_LIMIT, make_safe_pendulum, speed_cost, swing_up_reward
 from common.rssm import RSSM, balanced_kl_loss
 
 
@@ -98,6 +116,8 @@ class Args:
     # Algorithm specific arguments
     env_id: str = "SafetyPointGoal1"
     """the Safety-Gymnasium task; observations are always the 64x64 pixels of its `vision` camera"""
+    dynamics: Literal["rssm", "gp"] = "rssm"
+    """'rssm': the pixel world model; 'gp': Gaussian-process dynamics and MPC on SafePendulum (the `--gp-*` flags)"""
     total_timesteps: int = 5_000_000
     """total environment steps (action repeat included)"""
     num_envs: int = 10
@@ -218,6 +238,43 @@ class Args:
     """evaluation episodes at the end with the task policy's deterministic action (0: none)"""
     log_every: int = 5000
     """environment steps between console lines"""
+
+    # GP variant (--dynamics gp): Gaussian-process dynamics, MPC by the cross-entropy method, on --env-id SafePendulum.
+    # Shared with the pixel variant: seed, torch_deterministic, cuda, save_model, env_id, action_repeat,
+    # torch_threads, eval_episodes. Any other flag of the pixel variant is rejected with --dynamics gp.
+    gp_episodes: int = 10
+    """episodes (100 env steps = 50 agent steps each); the GP is refit after every episode"""
+    gp_expansion_episodes: int = 5
+    """the first episodes plan for the intrinsic reward (expansion), the others for the task reward (0: none)"""
+    gp_offline_transitions: int = 100
+    """the initial safe data: transitions from states drawn uniformly in angle and within the speed limit, with
+    uniform random actions (the co-authors' offline data); not counted as episodes"""
+    gp_beta: float = 3.0
+    """beta of the particles x' = x + mu + beta sigma eps (0: the 'mean' variant, one particle on the mean)"""
+    gp_lambda: float = 1e6
+    """penalty on the pessimistic (max over particles) trajectory cost (0: unconstrained)"""
+    gp_particles: int = 10
+    """particles per action sequence (the notes' 30; fewer to fit the CPU)"""
+    gp_samples: int = 100
+    """action sequences per CEM iteration (the notes' 1000; fewer to fit the CPU)"""
+    gp_elites: int = 10
+    """elite sequences per CEM iteration (10% of the samples, as the notes' 100 of 1000)"""
+    gp_iterations: int = 3
+    """CEM iterations per agent step (the notes' 5; fewer to fit the CPU)"""
+    gp_horizon: int = 15
+    """planning horizon in agent steps (the notes' 20; on the true dynamics 15 swung up as well or better,
+    docs/actsafe_gp.md)"""
+    gp_speed_margin: float = 0.12
+    """the planner keeps the predicted speed this far under the env's limit: it sees agent steps only, and the
+    middle step of the action repeat can be up to 0.118 rad/s faster than both ends"""
+    gp_noise_std: float = 1e-3
+    """aleatoric std of every state dimension (fixed, the notes' value)"""
+    gp_max_points: int = 100
+    """the GP conditions on at most this many transitions per output, chosen greedily by posterior variance"""
+    gp_fit_steps: int = 200
+    """Adam steps on the exact marginal likelihood at each refit (warm-started)"""
+    gp_lr: float = 1e-2
+    """Adam learning rate of the GP's hyperparameters"""
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -552,6 +609,417 @@ def update(wm: WorldModel, model_opt, acs: dict, actor_opts: dict, critic_opts: 
     return metrics
 
 
+# ==================================================================================================================
+# ActSafe with Gaussian-process dynamics (--dynamics gp)
+#
+# The setting of the paper's guarantees, on a small task (SafePendulum, `common/pendulum.py`): an exact GP per state
+# dimension whose posterior std is the epistemic uncertainty, particles x' = x + mu + beta sigma eps that span the
+# model's confidence set, and model-predictive control by the cross-entropy method (CEM) over action sequences.
+# Expansion: the mean over particles of the intrinsic reward (optimism); always: the max over particles of the
+# trajectory cost, penalised by lambda (pessimism); after expansion the task reward. The GP's intrinsic reward and
+# pessimism are not the pixel variant's u_t and c + alpha u_t (different formulas), hence their own functions here.
+# Nothing above this banner is used by the GP variant, and nothing below it by the pixel variant, apart from
+# `validate()` (whose GP block calls `validate_gp`) and the first lines of the `__main__` block (which call `run_gp`).
+# ==================================================================================================================
+
+GP_SHARED_FLAGS = ("exp_name", "seed", "torch_deterministic", "cuda", "capture_video", "save_model", "env_id",
+                   "dynamics", "action_repeat", "torch_threads", "eval_episodes")  # the flags both variants read
+
+
+def intrinsic_reward(epistemic_var: torch.Tensor, aleatoric_var: torch.Tensor) -> torch.Tensor:
+    """The GP's exploration reward, the information gain of observing the transition: (..., D) -> (...)."""
+    # eq. intrinsic reward (GP): r_explore(z) = sum_d log(1 + sigma_ep,d(z)^2 / sigma_al,d^2)
+    return torch.log1p(epistemic_var / aleatoric_var).sum(-1)
+
+
+def pessimistic_trajectory_cost(particle_costs: torch.Tensor) -> torch.Tensor:
+    """(..., P) trajectory costs of one action sequence under P particles -> (...) the worst of them."""
+    # eq. pessimism (GP): C_pess = max_p sum_t c(x_t^p)
+    return particle_costs.amax(-1)
+
+
+class ExactGPModel(gpytorch.models.ExactGP):
+    """A batch of independent exact GPs, one per output dimension: zero mean, ARD squared-exponential kernel."""
+
+    def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, likelihood, input_dim: int):
+        super().__init__(train_x, train_y, likelihood)
+        batch = torch.Size([train_y.shape[0]])
+        self.mean_module = gpytorch.means.ZeroMean(batch_shape=batch)
+        self.covar_module = gpytorch.kernels.ScaleKernel(
+            gpytorch.kernels.RBFKernel(ard_num_dims=input_dim, batch_shape=batch), batch_shape=batch)
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+class GPDynamics:
+    """The dynamics model: x_{t+1} - x_t ~ GP(z_t), z_t = (x_t, u_t), one exact GP per state dimension.
+
+    Fitting (gpytorch): hyperparameters (ARD lengthscales, output scale) by Adam on the exact marginal likelihood; the
+    aleatoric noise is fixed (`--gp-noise-std`). Prediction (`predict`, used by the planner): the exact posterior
+    written out from cached solves, float64, all queries in one batch. With more than `--gp-max-points` transitions
+    each output conditions on a subset of them chosen greedily by posterior variance (`greedy_subset`).
+    """
+
+    def __init__(self, input_dim: int, output_dim: int, noise_std: float, max_points: int, device: torch.device):
+        self.noise_var, self.max_points, self.fits = noise_std**2, max_points, 0
+        self.likelihood = gpytorch.likelihoods.GaussianLikelihood(
+            batch_shape=torch.Size([output_dim]), noise_constraint=gpytorch.constraints.GreaterThan(1e-12))
+        self.likelihood.noise = self.noise_var
+        self.likelihood.raw_noise.requires_grad_(False)  # aleatoric noise fixed, not fitted
+        x0 = torch.zeros(output_dim, 1, input_dim, dtype=torch.float64)
+        self.model = ExactGPModel(x0, torch.zeros(output_dim, 1, dtype=torch.float64), self.likelihood, input_dim)
+        self.model = self.model.to(device=device, dtype=torch.float64)
+        self.likelihood = self.likelihood.to(device=device, dtype=torch.float64)
+
+    @property
+    def lengthscale(self) -> torch.Tensor:  # (D, 1, I)
+        return self.model.covar_module.base_kernel.lengthscale.detach()
+
+    @property
+    def outputscale(self) -> torch.Tensor:  # (D,)
+        return self.model.covar_module.outputscale.detach()
+
+    def kernel(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """k_d(a, b) for every output d: a (n, I) or (D, n, I), b (m, I) or (D, m, I) -> (D, n, m)."""
+        a, b = a / self.lengthscale, b / self.lengthscale
+        sq = a.pow(2).sum(-1)[..., :, None] + b.pow(2).sum(-1)[..., None, :]
+        sq = sq.baddbmm_(a, b.transpose(-1, -2), alpha=-2)  # |a|^2 + |b|^2 - 2 a.b, a and b now (D, ., I)
+        # eq. ARD squared-exponential kernel: k_d(a, b) = o_d exp(-|(a - b) / l_d|^2 / 2)
+        return sq.clamp_min_(0).mul_(-0.5).exp_().mul_(self.outputscale[:, None, None])
+
+    def greedy_subset(self, inputs: torch.Tensor, m: int) -> torch.Tensor:
+        """Indices (D, m) of the m inputs, per output, picked one at a time as the one whose target is most uncertain
+        given those already picked: a partial pivoted Cholesky decomposition of K + sigma_al^2 I (the 'subset of
+        data' approximation with greedy selection, Rasmussen & Williams 2006, 8.3.3). Conditioning on fewer points
+        never lowers the posterior variance, so the subset's uncertainty is never below the full data's."""
+        n, d = inputs.shape[0], self.outputscale.shape[0]
+        rows = torch.arange(d, device=inputs.device)
+        var = (self.outputscale[:, None] + self.noise_var).expand(d, n).clone()  # Var(y_i | points picked so far)
+        factor = inputs.new_zeros(d, m, n)  # rows of the partial Cholesky factor
+        picked = torch.empty(d, m, dtype=torch.long, device=inputs.device)
+        for j in range(m):
+            i = var.argmax(-1)  # (D,)
+            picked[:, j] = i
+            k_i = self.kernel(inputs[i][:, None, :], inputs)[:, 0]  # (D, n): row i of K_d, for each output
+            k_i = k_i + self.noise_var * (torch.arange(n, device=inputs.device) == i[:, None])
+            residual = k_i - torch.einsum("dl,dln->dn", factor[rows, :j, i], factor[:, :j])
+            factor[:, j] = residual / var[rows, i, None].sqrt()
+            var = var - factor[:, j].pow(2)
+            var[rows, i] = -math.inf  # never picked twice
+        return picked
+
+    def fit(self, inputs: torch.Tensor, targets: torch.Tensor, steps: int, lr: float) -> float:
+        """Refit on all transitions so far: inputs (N, I), targets (N, D). Returns the final negative log marginal
+        likelihood per point (mean over outputs)."""
+        d = targets.shape[1]
+        if self.fits == 0:  # first fit: lengthscales at the inputs' spread, output scales at the targets' variance
+            self.model.covar_module.base_kernel.lengthscale = inputs.std(0).clamp_min(1e-2).expand(d, 1, -1)
+            self.model.covar_module.outputscale = targets.var(0).clamp_min(1e-6)
+        if inputs.shape[0] > self.max_points:  # subset of data, chosen with the current hyperparameters
+            picked = self.greedy_subset(inputs, self.max_points)
+            x, y = inputs[picked], targets.T.gather(1, picked)  # (D, M, I), (D, M)
+        else:
+            x, y = inputs.expand(d, -1, -1), targets.T.contiguous()
+        self.model.set_train_data(x, y, strict=False)
+        self.model.train()
+        self.likelihood.train()
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(self.likelihood, self.model)
+        opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=lr)
+        with gpytorch.settings.max_cholesky_size(10**6):  # always the exact Cholesky (never CG)
+            for _ in range(steps):
+                opt.zero_grad()
+                # eq. type-II maximum likelihood: theta = argmax log p(y_d | X, theta) (gpytorch divides by N)
+                loss = -mll(self.model(x), y).sum()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                loss = -mll(self.model(x), y).mean()
+        self.model.eval()
+        self.likelihood.eval()
+        self.fits += 1
+        # the posterior's cache: K_d + sigma_al^2 I = L L^T, alpha = (K_d + sigma_al^2 I)^-1 y_d, and L^-1
+        with torch.no_grad():
+            eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+            chol = torch.linalg.cholesky(self.kernel(x, x) + self.noise_var * eye)
+            self.train_x = x
+            self.alpha = torch.cholesky_solve(y[..., None], chol)  # (D, M, 1)
+            self.chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)  # (D, M, M)
+        return loss.item()
+
+    @torch.no_grad()
+    def predict(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and epistemic variance of x_{t+1} - x_t at z (B, I): two (B, D) tensors."""
+        k = self.kernel(z, self.train_x)  # (D, B, M)
+        # eq. GP posterior mean: mu_d(z) = k_d(z, X) (K_d + sigma_al^2 I)^-1 y_d
+        mean = (k @ self.alpha).squeeze(-1)
+        # eq. GP posterior variance: sigma_d^2(z) = k_d(z, z) - |L_d^-1 k_d(X, z)|^2
+        var = self.outputscale[:, None] - (k @ self.chol_inv.transpose(-1, -2)).square_().sum(-1)
+        return mean.T, var.clamp_min(1e-12).T
+
+
+@torch.no_grad()
+def cem_plan(objective, mean: torch.Tensor, num_samples: int, num_elites: int, iterations: int,
+             generator: torch.Generator, init_std: float = 0.5, momentum: float = 0.2):
+    """The cross-entropy method over action sequences in [-1, 1].
+
+    objective: (S, H, A) candidates -> (S,) scores, higher is better, all candidates in one call. mean (H, A): the warm
+    start, always among the candidates. Each iteration refits the sampling Gaussian to the elites (with the co-authors'
+    momentum 0.2 and initial std 0.5). Returns the best candidate of all iterations and its score.
+    """
+    std = torch.full_like(mean, init_std)
+    best, best_score = mean.clamp(-1, 1), torch.tensor(-math.inf, dtype=mean.dtype, device=mean.device)
+    for _ in range(iterations):
+        noise = torch.randn((num_samples, *mean.shape), generator=generator, dtype=mean.dtype, device=mean.device)
+        samples = (mean + std * noise).clamp(-1, 1)
+        samples[0] = mean.clamp(-1, 1)
+        scores = objective(samples)
+        elite_scores, top = scores.topk(num_elites)
+        elites = samples[top]
+        # eq. CEM: mean <- m mean + (1 - m) mean(elites), var <- m var + (1 - m) var(elites)
+        mean = momentum * mean + (1 - momentum) * elites.mean(0)
+        std = (momentum * std**2 + (1 - momentum) * elites.var(0, unbiased=False)).sqrt()
+        better = elite_scores[0] > best_score  # no host sync: the choice stays on the device
+        best = torch.where(better, elites[0], best)
+        best_score = torch.where(better, elite_scores[0], best_score)
+    return best, best_score
+
+
+def gp_rollout(gp: GPDynamics, x0: torch.Tensor, actions: torch.Tensor, eps: torch.Tensor, beta: float):
+    """Every action sequence under every particle through the GP, in one batch per step.
+
+    x0 (D,), actions (S, H, A), eps (P, H, D): the particles' standard normal draws, the same for every candidate
+    (common random numbers, as the co-authors' planner). Returns the next states (S, P, H, D) and the epistemic
+    variances (S, P, H, D) of the transitions taken from x_0 .. x_{H-1}.
+    """
+    (num_seq, horizon, _), num_particles = actions.shape, eps.shape[0]
+    x = x0.expand(num_seq * num_particles, -1)
+    states, variances = [], []
+    for t in range(horizon):
+        z = torch.cat([x, actions[:, t].repeat_interleave(num_particles, 0)], -1)  # row s * P + p
+        mean, var = gp.predict(z)
+        # eq. particles: x_{t+1} = x_t + mu(z_t) + beta sigma(z_t) eps_t, eps_t ~ N(0, I)
+        x = x + mean + beta * var.sqrt() * eps[:, t].repeat(num_seq, 1)
+        states.append(x)
+        variances.append(var)
+    shape = (num_seq, num_particles, horizon, -1)
+    return torch.stack(states, 1).reshape(shape), torch.stack(variances, 1).reshape(shape)
+
+
+def gp_plan_objective(gp: GPDynamics, x0: torch.Tensor, actions: torch.Tensor, eps: torch.Tensor, args: Args,
+                      explore: bool):
+    """ActSafe's planning objective for candidates (S, H, A): returns (score, value, pessimistic cost), each (S,).
+
+    value = mean over particles of the summed reward (intrinsic during expansion: optimism through the particles that
+    span the confidence set; the task's swing-up reward afterwards); the pessimistic cost = the max over particles
+    of the summed speed cost; score = value - lambda * pessimistic cost (budget 0: no step over the limit).
+    """
+    states, var = gp_rollout(gp, x0, actions, eps, args.gp_beta)
+    if explore:
+        rewards = intrinsic_reward(var, torch.tensor(gp.noise_var, dtype=var.dtype, device=var.device))
+    else:  # the known reward of the states the actions are taken in (x_0 .. x_{H-1})
+        prev = torch.cat([x0.expand(*states.shape[:2], 1, -1), states[:, :, :-1]], 2)
+        theta = torch.atan2(prev[..., 1], prev[..., 0])
+        rewards = swing_up_reward(theta, prev[..., 2], actions[:, None, :, 0])
+    # eq. optimism (GP): J = mean_p sum_t r(z_t^p) over the hallucinated particles
+    value = rewards.sum(-1).mean(-1)
+    cost = pessimistic_trajectory_cost(speed_cost(states[..., 2], gp_speed_limit(args)).sum(-1))
+    # eq. penalised objective: J - lambda * max(C_pess - d, 0) with the budget d = 0 (costs are >= 0)
+    return value - args.gp_lambda * cost, value, cost
+
+
+def gp_speed_limit(args: Args) -> float:
+    """The speed the planner keeps under: the env's limit minus the margin for the unseen repeated steps."""
+    return SPEED_LIMIT - args.gp_speed_margin
+
+
+def offline_safe_data(env, n: int, action_repeat: int, rng: np.random.Generator):
+    """The initial safe data (the paper's S_0; the co-authors' offline data): n transitions of one agent step from
+    states drawn uniformly in angle and with |speed| within the env's limit, under uniform random actions.
+    Returns (inputs (n, 4) = (x, u), targets (n, 3) = x' - x) as float64 arrays."""
+    inputs, targets = [], []
+    for _ in range(n):
+        theta, speed = rng.uniform(-math.pi, math.pi), rng.uniform(-1, 1) * env.unwrapped.speed_limit
+        action = rng.uniform(-1, 1, size=1)
+        obs, _ = env.reset(options={"state": (theta, speed)})
+        next_obs = obs
+        for _ in range(action_repeat):
+            next_obs, *_ = env.step(action * env.action_space.high)
+        inputs.append(np.concatenate([obs, action]))
+        targets.append(next_obs - obs)
+    return np.array(inputs, dtype=np.float64), np.array(targets, dtype=np.float64)
+
+
+def mpc_episode(env, gp: GPDynamics, args: Args, explore: bool, generator: torch.Generator,
+                device: torch.device) -> dict:
+    """One episode of model-predictive control on the real env.
+
+    At every agent step: new particle draws, CEM over the GP from the observed state, the first action of the best
+    sequence applied `--action-repeat` times; the rest of the sequence warm-starts the next step. Returns the
+    transitions (inputs, targets as in `offline_safe_data`), the per-env-step costs and the episode's statistics.
+    """
+    particles = args.gp_particles if args.gp_beta > 0 else 1  # beta = 0: every particle would be the mean
+    obs, _ = env.reset()
+    plan = torch.zeros(args.gp_horizon, 1, dtype=torch.float64, device=device)
+    inputs, targets, costs, values, pess_costs = [], [], [], [], []
+    ep_return, plan_time, done, max_speed = 0.0, 0.0, False, 0.0
+    while not done:
+        start = time.time()
+        x0 = torch.as_tensor(obs, dtype=torch.float64, device=device)
+        eps = torch.randn((particles, args.gp_horizon, x0.shape[0]), generator=generator, dtype=torch.float64,
+                          device=device)
+        best, _ = cem_plan(lambda seqs: gp_plan_objective(gp, x0, seqs, eps, args, explore)[0], plan,
+                           args.gp_samples, args.gp_elites, args.gp_iterations, generator)
+        _, value, pess_cost = gp_plan_objective(gp, x0, best[None], eps, args, explore)
+        plan = torch.cat([best[1:], best[-1:]])  # warm start: the rest of the plan, its last action repeated
+        action = best[0].cpu().numpy()
+        plan_time += time.time() - start
+        next_obs, repeats = obs, 0
+        while repeats < args.action_repeat and not done:
+            next_obs, reward, terminated, truncated, info = env.step(action * env.action_space.high)
+            ep_return, repeats, done = ep_return + reward, repeats + 1, terminated or truncated
+            costs.append(info["cost"])
+            max_speed = max(max_speed, abs(float(next_obs[2])))
+        if repeats == args.action_repeat:  # a transition cut short by the time limit is not an agent step
+            inputs.append(np.concatenate([obs, action]))
+            targets.append(next_obs - obs)
+        values.append(value)
+        pess_costs.append(pess_cost)
+        obs = next_obs
+    costs = np.array(costs)
+    return {"inputs": np.array(inputs, dtype=np.float64), "targets": np.array(targets, dtype=np.float64),
+            "costs": costs, "return": ep_return, "cost": costs.sum(), "length": len(costs),
+            "violations": int((costs > 0).sum()), "planned_value": torch.cat(values).mean().item(),
+            "upright": float(np.mean(np.array(inputs)[:, 0] > 0.95)),  # agent steps within 18 degrees of upright
+            "max_speed": max_speed,
+            "planned_cost": torch.cat(pess_costs).mean().item(), "plan_seconds_per_step": plan_time / len(values)}
+
+
+def check_variant_flags(args: Args) -> None:
+    """A flag of the other variant (changed from its default) stops the run: the pixel variant's flags with
+    --dynamics gp, the --gp-* flags without it."""
+    flag = lambda name: "--lambda_" if name == "lambda_" else "--" + name.replace("_", "-")  # noqa: E731
+    changed = [f.name for f in fields(Args) if getattr(args, f.name) != f.default]
+    if args.dynamics == "gp":
+        pixel = [flag(n) for n in changed if not n.startswith("gp_") and n not in GP_SHARED_FLAGS]
+        if pixel:
+            raise SystemExit(f"error: {', '.join(pixel)}: pixel-variant flag(s), not used with --dynamics gp; accepted "
+                             f"with it: the --gp-* flags and {', '.join(flag(n) for n in GP_SHARED_FLAGS)}")
+    else:
+        gp_flags = [flag(n) for n in changed if n.startswith("gp_")]
+        if gp_flags:
+            raise SystemExit(f"error: {', '.join(gp_flags)}: flag(s) of the GP variant; add --dynamics gp "
+                             f"(and --env-id SafePendulum) to use them")
+
+
+def validate_gp(args: Args) -> None:
+    """The GP variant's checks (`validate` calls this instead of the pixel checks with --dynamics gp)."""
+    if args.env_id not in PENDULUM_IDS:
+        raise SystemExit(f"error: --dynamics gp runs on the pendulum: --env-id accepted: {', '.join(PENDULUM_IDS)}; "
+                         f"got {args.env_id!r}")
+    check_positive(args, "gp_episodes", "gp_offline_transitions", "gp_particles", "gp_samples", "gp_elites",
+                   "gp_iterations", "gp_horizon", "gp_noise_std", "gp_max_points", "gp_lr", "action_repeat")
+    for name in ("gp_expansion_episodes", "gp_beta", "gp_lambda", "gp_speed_margin", "gp_fit_steps",
+                 "eval_episodes", "torch_threads"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)!r}")
+    if args.gp_elites > args.gp_samples:
+        raise SystemExit(f"error: --gp-elites ({args.gp_elites}) must be <= --gp-samples ({args.gp_samples})")
+    if args.gp_expansion_episodes > args.gp_episodes:
+        raise SystemExit(f"error: --gp-expansion-episodes ({args.gp_expansion_episodes}) must be <= --gp-episodes "
+                         f"({args.gp_episodes})")
+    if args.gp_speed_margin >= SPEED_LIMIT:
+        raise SystemExit(f"error: --gp-speed-margin must be below the speed limit {SPEED_LIMIT}, "
+                         f"got {args.gp_speed_margin!r}")
+    if args.capture_video:
+        raise SystemExit("error: --capture-video is not supported by the GP variant")
+
+
+def run_gp(args: Args) -> None:
+    """ActSafe with GP dynamics on SafePendulum, Algorithm 1 with a GP and MPC: collect an episode with the planner,
+    refit the GP on everything so far, repeat; expansion (intrinsic reward) for the first `--gp-expansion-episodes`
+    episodes, the task reward afterwards, the pessimistic constraint throughout."""
+    env = make_safe_pendulum()
+    run_name = f"{env.spec.id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    logger = Logger(run_name, args, total_steps=args.gp_episodes * env.spec.max_episode_steps)
+    seed_everything(args.seed, args.torch_deterministic)
+    device = get_device(args.cuda)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    env.reset(seed=args.seed)
+    particles = args.gp_particles if args.gp_beta > 0 else 1
+    print(f"plan: {args.gp_episodes} episodes of {env.spec.max_episode_steps} env steps on {device}, the first "
+          f"{args.gp_expansion_episodes} for the intrinsic reward (expansion), then the swing-up; CEM {args.gp_samples} "
+          f"samples x {particles} particle(s) (beta {args.gp_beta}), {args.gp_elites} elites, {args.gp_iterations} "
+          f"iterations, horizon {args.gp_horizon}; penalty lambda {args.gp_lambda} on the max over particles of the "
+          f"cost of speeds over {gp_speed_limit(args):.2f} rad/s (env limit {SPEED_LIMIT}); GP on at most "
+          f"{args.gp_max_points} points per output, {args.gp_offline_transitions} initial safe transitions", flush=True)
+
+    # the initial safe data S_0, and the first fit
+    to_tensor = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
+    inputs, targets = offline_safe_data(env, args.gp_offline_transitions, args.action_repeat,
+                                        np.random.default_rng(args.seed))
+    gp = GPDynamics(inputs.shape[1], targets.shape[1], args.gp_noise_std, args.gp_max_points, device)
+    nmll = gp.fit(to_tensor(inputs), to_tensor(targets), args.gp_fit_steps, args.gp_lr)
+    check_finite("GP negative log marginal likelihood", nmll)
+    logger.scalar("losses/gp_nmll", nmll, 0)
+
+    global_step, violating_episodes = 0, 0
+    for episode in range(args.gp_episodes):
+        # ---- act: MPC over the GP (expansion: intrinsic reward; afterwards: the swing-up), pessimistic constraint
+        explore = episode < args.gp_expansion_episodes
+        ep = mpc_episode(env, gp, args, explore, generator, device)
+        global_step += ep["length"]
+        violating_episodes += ep["violations"] > 0
+        logger.log_costs(global_step, ep["costs"])
+        logger.log_episode(global_step, ep["return"], ep["cost"], ep["length"])
+        logger.scalar("charts/episodic_violations", ep["violations"], global_step)  # env steps with cost > 0
+        logger.scalar("charts/phase", 0.0 if explore else 1.0, global_step)  # 0 expansion, 1 task
+        logger.scalar("charts/upright_fraction", ep["upright"], global_step)
+        logger.scalar("charts/max_abs_speed", ep["max_speed"], global_step)  # over all env steps
+        logger.scalar("charts/planned_value", ep["planned_value"], global_step)
+        logger.scalar("charts/planned_pessimistic_cost", ep["planned_cost"], global_step)
+        logger.scalar("charts/plan_seconds_per_step", ep["plan_seconds_per_step"], global_step)
+
+        # ---- the model that planned, on the new transitions it has not seen: error, calibration, information gain
+        mean, var = gp.predict(to_tensor(ep["inputs"]))
+        error = to_tensor(ep["targets"]) - mean
+        logger.scalar("charts/gp_rmse", error.pow(2).mean().sqrt().item(), global_step)
+        within = error.abs() <= 3 * (var + gp.noise_var).sqrt()  # a calibrated GP: nearly all within 3 std
+        logger.scalar("charts/gp_within_3std", within.double().mean().item(), global_step)
+        noise = torch.tensor(gp.noise_var, dtype=var.dtype, device=device)
+        logger.scalar("charts/intrinsic_return", intrinsic_reward(var, noise).sum().item(), global_step)
+
+        # ---- fit: the GP on all transitions so far
+        inputs, targets = np.concatenate([inputs, ep["inputs"]]), np.concatenate([targets, ep["targets"]])
+        fit_start = time.time()
+        nmll = gp.fit(to_tensor(inputs), to_tensor(targets), args.gp_fit_steps, args.gp_lr)
+        check_finite("GP negative log marginal likelihood", nmll)
+        logger.scalar("losses/gp_nmll", nmll, global_step)
+        logger.scalar("charts/gp_points", gp.train_x.shape[1], global_step)
+        logger.scalar("charts/gp_fit_seconds", time.time() - fit_start, global_step)
+        logger.console(global_step, f"episode={episode + 1}/{args.gp_episodes} phase={'explore' if explore else 'task'} "
+                                    f"violations={ep['violations']} max|speed|={ep['max_speed']:.2f} "
+                                    f"plan_s/step={ep['plan_seconds_per_step']:.2f}")
+    print(f"episodes with a violation: {violating_episodes}/{args.gp_episodes}", flush=True)
+    if args.save_model:
+        path = os.path.join(logger.run_dir, f"{args.exp_name}.cleanrl_model")
+        torch.save({"gp_state_dict": gp.model.state_dict(), "inputs": inputs, "targets": targets, "args": vars(args)},
+                   path)
+        print(f"model saved to {path}", flush=True)
+
+    # final evaluation: the task planner (swing-up reward, pessimistic constraint), its data not kept
+    for _ in range(args.eval_episodes):
+        ep = mpc_episode(env, gp, args, False, generator, device)
+        logger.log_episode(global_step, ep["return"], ep["cost"], ep["length"], prefix="eval")
+        logger.scalar("eval/episodic_violations", ep["violations"], global_step)
+        logger.scalar("eval/upright_fraction", ep["upright"], global_step)
+        print(f"eval: return {ep['return']:.2f}, cost {ep['cost']:.3f}, violations {ep['violations']}", flush=True)
+    env.close()
+    logger.close()
+
+
 def require_sequences(buffer: EpisodeBuffer, length: int) -> None:
     """Stop with a message (not a traceback from `EpisodeBuffer.sample`) when episodes are stored but none holds
     `length` rows, i.e. --sequence-length is longer than the task's episodes (Safety-Gymnasium's do not end early,
@@ -564,6 +1032,11 @@ def require_sequences(buffer: EpisodeBuffer, length: int) -> None:
 
 def validate(args: Args) -> None:
     """Reject bad input with a message naming the flag and what is accepted."""
+    # the variant: a flag of the other variant is an error; the GP variant has its own checks (not the ones below)
+    check_choice(args, "dynamics", ["rssm", "gp"])
+    check_variant_flags(args)
+    if args.dynamics == "gp":
+        return validate_gp(args)
     check_positive(args, "total_timesteps", "num_envs", "action_repeat", "train_every", "train_steps",
                    "buffer_capacity", "batch_size", "sequence_length", "deter_dim", "stoch_dim",
                    "hidden_dim", "ensemble_size", "cnn_depth", "head_units", "actor_units", "critic_units",
@@ -600,6 +1073,9 @@ def validate(args: Args) -> None:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     validate(args)
+    if args.dynamics == "gp":  # ActSafe with GP dynamics: its own loop, `run_gp` in the GP section above
+        run_gp(args)
+        raise SystemExit(0)
     env_id, _ = normalize_env_id(args.env_id, vision=True)
     run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     logger = Logger(run_name, args)
