@@ -106,8 +106,7 @@ class Args:
 
     # Algorithm specific arguments
     env_id: str = "SafetyPointGoal1"
-    """the Safety-Gymnasium task (Point/Car/Doggo/Racecar/Ant robots); observations are always the 64x64 pixels of its
-    `vision` camera"""
+    """the Safety-Gymnasium task of a robot with a camera; observations are always its 64x64 `vision` pixels"""
     total_timesteps: int = 1_000_000
     """total environment steps (action repeat included)"""
     num_envs: int = 1
@@ -707,7 +706,7 @@ if __name__ == "__main__":
 
     global_step, updates, next_train, next_log = 0, 0, args.warmup_steps, args.log_every
     steps_per_iteration = args.num_envs * args.action_repeat
-    updates_per_s = 0.0
+    updates_per_s, last_round = 0.0, {}
     while global_step < args.total_timesteps:
         # ---- act: filter the new observation, then the policy's mode plus exploration noise (the authors')
         with torch.no_grad():
@@ -757,14 +756,19 @@ if __name__ == "__main__":
             # once per round: NaN guard and logging (the only host syncs of the learning step)
             check_finite("world-model loss", metrics["losses/model_loss"])
             check_finite("policy loss", metrics["losses/policy_loss"])
-            for tag, value in metrics.items():
-                logger.scalar(tag, value.item(), global_step)  # .item() syncs, so the round's time is complete
+            last_round = {tag: value.item() for tag, value in metrics.items()}  # .item() syncs: the round is done
+            for tag, value in last_round.items():
+                logger.scalar(tag, value, global_step)
             updates_per_s = args.train_steps / (time.time() - round_start)
             logger.scalar("charts/updates_per_s", updates_per_s, global_step)
             logger.scalar("charts/updates", updates, global_step)
         if global_step >= next_log or global_step >= args.total_timesteps:
             next_log += args.log_every
-            logger.console(global_step, f"updates/s={updates_per_s:.2f} updates={updates}")
+            extra = f"updates/s={updates_per_s:.2f} updates={updates}"
+            if "charts/violation_fraction" in last_round:  # the barrier's state after the last round
+                extra += (f" unsafe={last_round['charts/unsafe_fraction']:.3f} "
+                          f"violations={last_round['charts/violation_fraction']:.3f}")
+            logger.console(global_step, extra)
     if args.save_model:
         path = os.path.join(logger.run_dir, f"{args.exp_name}.cleanrl_model")
         torch.save({"world_model": wm.state_dict(), "agent": agent.state_dict(), "args": vars(args)}, path)
