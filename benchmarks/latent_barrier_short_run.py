@@ -7,10 +7,10 @@ sizes but a smaller conv net (depth 16), shorter sequences and imagination (8 x 
 schedule (1 env, 14k env steps, 4k of them random, 30 updates every 500 steps: 630 updates) and a label threshold of
 0.1 instead of 0.01: with a few hundred updates the MSE-fitted cost head is not sharp enough for 0.01 (a first run
 with 0.01 labelled 97-100 % of the imagined states unsafe) nor does it reach 0.5 anywhere (a run with 0.5 labelled
-none unsafe); see docs/latent_barrier.md. A run with these defaults (ETA 21 min more at 4,000 steps, 2 shared cores) was cut off at
-5,500 env steps and has not been completed. --cost-threshold / --train-steps / --total-timesteps reproduce the
-0.5 run (the 0.01 run used --train-every 1000, an earlier version of these flags; its command is in the doc). Then plots into
-docs/img/latent_barrier_short_run.png (or --out):
+none unsafe); see docs/latent_barrier.md. A run with these defaults (ETA 21 min more at 4,000 steps on 2 shared
+cores) was cut off at 5,500 env steps and has not been completed. --cost-threshold, --train-steps and
+--total-timesteps reproduce the 0.5 run (the 0.01 run used --train-every 1000, an earlier version of these flags;
+its command is in the doc). Then plots into docs/img/latent_barrier_short_run.png (or --out):
 - in imagination (labels from the cost head): the fraction of safe states with B <= 0, of unsafe states with B >= 0,
   and of transitions violating B(z_t) - B(z_{t-1}) + alpha B(z_t) >= 0;
 - on the replayed batch's REAL posterior latents labelled by the REAL cost: the same two misclassified fractions
