@@ -116,6 +116,8 @@ class Args:
     """guide (source task) environment steps (authors' code default; not in the paper)"""
     guide_path: Optional[str] = None
     """reuse a saved guide (runs/<run>/guide.pt) and skip the guide phase"""
+    guide_only: bool = False
+    """train, save and evaluate the guide, then stop (reuse it with --guide-path)"""
     use_guide: bool = True
     """False (--no-use-guide): the SAC-Lagrangian baseline from scratch: no guide phase, no KL, student acts"""
     num_envs: int = 1
@@ -288,6 +290,7 @@ class Actor(nn.Module):
         self.register_buffer("bias", (high + low) / 2)
 
     def dist(self, obs):
+        """The Gaussian before squashing: (mean, std)."""
         h = self.trunk(obs)
         log_std = self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
         return self.mean(h), log_std.exp()
@@ -300,13 +303,17 @@ class Actor(nn.Module):
 
     def sample(self, obs, deterministic: bool = False):
         """(action, log pi(action | obs)); reparameterised."""
-        mean, std = self.dist(obs)
+        return self.sample_from(*self.dist(obs), deterministic)
+
+    def sample_from(self, mean, std, deterministic: bool = False):
         u = mean if deterministic else mean + std * torch.randn_like(mean)
         return torch.tanh(u) * self.scale + self.bias, self._squash_log_prob(u, mean, std)
 
     def log_prob(self, obs, action):
         """log pi(action | obs) of a given (e.g. the other policy's) action."""
-        mean, std = self.dist(obs)
+        return self.log_prob_from(*self.dist(obs), action)
+
+    def log_prob_from(self, mean, std, action):
         y = ((action - self.bias) / self.scale).clamp(-1 + 1e-6, 1 - 1e-6)
         return self._squash_log_prob(torch.atanh(y), mean, std)
 
@@ -353,8 +360,11 @@ class DeviceReplay:
 
 
 def replay_fields(obs_dim, act_dim):
+    """A transition, plus what the frozen guide says about it: its log-prob of the executed action (code variant)
+    and its Gaussian (mean, std) at Xi(s) and Xi(s'), computed once when stored instead of at every gradient step."""
     return {"obs": (obs_dim,), "action": (act_dim,), "next_obs": (obs_dim,), "reward": (), "cost": (), "done": (),
-            "rho": (), "logp_guide": ()}
+            "rho": (), "logp_guide": (), "guide_mean": (act_dim,), "guide_std": (act_dim,),
+            "guide_next_mean": (act_dim,), "guide_next_std": (act_dim,)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -409,12 +419,13 @@ class SACLagrangian:
     """SAC-Lagrangian with twin reward critics and one cost critic; used for the guide and for the student.
 
     The guide: fixed alpha, no guide to imitate (omega = 0). The student: learned alpha, a KL toward `guide`
-    (a frozen Actor on Xi(s)) weighted by omega = kl_weight(beta), importance weights rho on guide actions.
+    (a frozen Actor on Xi(s), whose Gaussians at Xi(s) and Xi(s') come with the batch) weighted by
+    omega = kl_weight(beta), importance weights rho on guide actions.
     `update()` is one gradient step of everything and reads nothing back from the device; `--compile` wraps it.
     """
 
     def __init__(self, obs_dim, act_dim, args: Args, action_space, cost_limit, device, fixed_alpha=None,
-                 beta_damp=0.0, guide: Optional[Actor] = None, xi_index: Optional[torch.Tensor] = None):
+                 beta_damp=0.0, guide: Optional[Actor] = None):
         h = args.hidden_size
         self.actor = Actor(obs_dim, act_dim, h, action_space.low, action_space.high).to(device)
         self.qr1, self.qr2, self.qc = (QNet(obs_dim, act_dim, h).to(device) for _ in range(3))
@@ -437,7 +448,7 @@ class SACLagrangian:
         self.target_entropy = args.target_entropy_scale * act_dim
         self.cost_limit = cost_limit
         self.d_bar = per_step_cost_target(cost_limit, args.gamma, args.max_episode_steps)
-        self.beta_damp, self.guide, self.xi_index = beta_damp, guide, xi_index
+        self.beta_damp, self.guide = beta_damp, guide
         self.kl_on = guide is not None and args.fixed_omega != 0
         self.args = args
 
@@ -465,8 +476,8 @@ class SACLagrangian:
             next_act, next_logp = self.actor.sample(next_obs)
             min_q_next = torch.min(self.qr1_t(next_obs, next_act), self.qr2_t(next_obs, next_act))
             logp_g_next = torch.zeros_like(next_logp)
-            if self.kl_on and args.kl_variant == "paper":
-                logp_g_next = self.guide.log_prob(next_obs[:, self.xi_index], next_act)
+            if self.kl_on and args.kl_variant == "paper":  # log pi_guide(a' | Xi(s')) from the stored guide Gaussian
+                logp_g_next = self.guide.log_prob_from(batch["guide_next_mean"], batch["guide_next_std"], next_act)
             y_r = kl_regularised_target(rew, done, args.gamma, min_q_next, next_logp, logp_g_next, alpha, omega,
                                         args.kl_variant, batch["logp_guide"])
             y_c = cost + args.gamma * (1 - done) * self.qc_t(next_obs, next_act)  # cost critic: no entropy term
@@ -489,7 +500,7 @@ class SACLagrangian:
         kl_sample = torch.zeros_like(logp)
         if self.kl_on and args.kl_variant == "paper":
             # eq. 5: (alpha + omega) log pi - omega log pi_guide = alpha log pi + omega KL(pi || pi_guide) per sample
-            kl_sample = logp - self.guide.log_prob(obs[:, self.xi_index], new_act)
+            kl_sample = logp - self.guide.log_prob_from(batch["guide_mean"], batch["guide_std"], new_act)
             per_sample = alpha * logp + omega * kl_sample - min_q + (beta - damp) * qc_pi
         else:
             per_sample = alpha * logp - min_q + (beta - damp) * qc_pi
@@ -541,6 +552,34 @@ class SACLagrangian:
         nets = {name: getattr(self, name).state_dict() for name in ("actor", "qr1", "qr2", "qc", "qr1_t", "qr2_t", "qc_t")}
         opts = {name: getattr(self, name).state_dict() for name in ("actor_opt", "q_opt", "alpha_opt", "beta_opt")}
         return {**nets, **opts, "soft_alpha": self.soft_alpha.detach().cpu(), "soft_beta": self.soft_beta.detach().cpu()}
+
+
+def behaviour_policy(student_actor: Actor, guide: Optional[Actor], xi_index, obs, guide_acts, clip_low, clip_high):
+    """The composite behaviour policy for one step of every env (guide_acts: who acts, True = the guide).
+
+    Returns one tensor per env row, [action, rho, log pi_guide(action | Xi(s)), guide mean, guide std], so that a
+    step costs one device->host copy: the importance weight of guide actions (1 for the student's own), the guide's
+    log-prob of the executed action (the code variant's KL), and the guide's Gaussian at Xi(s) (the paper's KL).
+    """
+    mean, std = student_actor.dist(obs)
+    actions, _ = student_actor.sample_from(mean, std)
+    rho, logp_guide = torch.ones_like(obs[:, 0]), torch.zeros_like(obs[:, 0])
+    g_mean, g_std = torch.zeros_like(actions), torch.ones_like(actions)
+    if guide is not None:
+        g_mean, g_std = guide.dist(obs[:, xi_index])
+        g_actions, _ = guide.sample_from(g_mean, g_std)
+        actions = torch.where(guide_acts[:, None], g_actions, actions)
+        logp_guide = guide.log_prob_from(g_mean, g_std, actions)
+        rho_guide = importance_weight(student_actor.log_prob_from(mean, std, actions), logp_guide, clip_low, clip_high)
+        rho = torch.where(guide_acts, rho_guide, rho)
+    return torch.cat([actions, rho[:, None], logp_guide[:, None], g_mean, g_std], 1)
+
+
+def guide_gaussian(guide: Optional[Actor], xi_index, obs, act_dim: int):
+    """The frozen guide's (mean, std) at Xi(s), stored with a transition so updates need no guide forward pass."""
+    if guide is None:
+        return torch.cat([torch.zeros(len(obs), act_dim), torch.ones(len(obs), act_dim)], 1).to(obs.device)
+    return torch.cat(guide.dist(obs[:, xi_index]), 1)
 
 
 def maybe_compile(fn, enabled: bool):
@@ -649,6 +688,8 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"error: --guide-path {args.guide_path!r} is not a file (expected runs/<run>/guide.pt)")
     if args.guide_path is not None and not args.use_guide:
         raise SystemExit("error: --guide-path and --no-use-guide contradict each other")
+    if args.guide_only and (args.guide_path is not None or not args.use_guide):
+        raise SystemExit("error: --guide-only trains a guide: it goes with neither --guide-path nor --no-use-guide")
     try:
         registered, vision = normalize_env_id(args.env_id)
     except ValueError as e:
@@ -725,8 +766,10 @@ if __name__ == "__main__":
                 glog.log_episode(global_step, ep["r"], ep["c"], ep["l"])
                 recent_costs.append(ep["c"])
             ones = np.ones(n, np.float32)
+            zeros = np.zeros((n, act_dim), np.float32)
             g_rb.add(obs=obs, action=actions, next_obs=real_next_obs(next_obs, truncations, terminations, infos),
-                     reward=rewards, cost=costs, done=terminations, rho=ones, logp_guide=0 * ones)  # time limit masked
+                     reward=rewards, cost=costs, done=terminations, rho=ones, logp_guide=0 * ones,  # time limit masked
+                     guide_mean=zeros, guide_std=zeros, guide_next_mean=zeros, guide_next_std=zeros)  # no guide here
             obs = next_obs
 
             if args.beta_update == "episodic" and recent_costs and global_step % args.update_every == 0:
@@ -766,6 +809,10 @@ if __name__ == "__main__":
                   f"{sum(c > args.cost_limit for c in costs_)}/{len(costs_)}", flush=True)
         glog.close()
         print(f"guide saved to {guide_file}", flush=True)
+        if args.guide_only:
+            envs.close()
+            logger.close()
+            raise SystemExit(0)
     if guide is not None:
         guide.requires_grad_(False)
 
@@ -774,7 +821,7 @@ if __name__ == "__main__":
     # ============================================================================================
     sampling = args.sampling if guide is not None else "student"
     student = SACLagrangian(obs_dim, act_dim, args, action_space, args.cost_limit, device, beta_damp=args.beta_damp,
-                            guide=guide, xi_index=xi_index_t)
+                            guide=guide)
     update = maybe_compile(student.update, use_compile)
     two_buffers = sampling == "control-switch"
     capacity = args.buffer_size // 2 if two_buffers else args.buffer_size
@@ -783,20 +830,8 @@ if __name__ == "__main__":
     n_guide_batch = int(round(args.guide_batch_fraction * args.batch_size))
     eval_env = make_target_env(args.env_id, args.seed + 10_000)
 
-    def behaviour_step(obs_t, guide_acts_t):
-        """The composite behaviour policy: who acts per env, and rho, log pi_guide of the executed action."""
-        actions, _ = student.actor.sample(obs_t)
-        rho, logp_guide = torch.ones_like(obs_t[:, 0]), torch.zeros_like(obs_t[:, 0])
-        if guide is not None:
-            g_actions, _ = guide.sample(obs_t[:, xi_index_t])
-            actions = torch.where(guide_acts_t[:, None], g_actions, actions)
-            logp_guide = guide.log_prob(obs_t[:, xi_index_t], actions)
-            rho_guide = importance_weight(student.actor.log_prob(obs_t, actions), logp_guide,
-                                          args.is_clip_low, args.is_clip_high)
-            rho = torch.where(guide_acts_t, rho_guide, rho)
-        return torch.cat([actions, rho[:, None], logp_guide[:, None]], 1)  # one device->host copy per step
-
-    act = maybe_compile(behaviour_step, use_compile)
+    act = maybe_compile(behaviour_policy, use_compile)
+    next_guide_gaussian = maybe_compile(guide_gaussian, use_compile)
     rng = np.random.default_rng(args.seed)
     guide_acts = np.zeros(n, dtype=bool)  # who acts at the next step, per env (True = guide)
     ld_stepwise, ld_draw = np.ones(n, dtype=bool), np.zeros(n)  # linear-decay "mixed": per-episode mode, draw
@@ -810,14 +845,13 @@ if __name__ == "__main__":
     logger.restart_clock(0, args.total_timesteps)  # SPS and ETA of the student phase only
     start_time = logger.start_time
     for global_step in range(n, args.total_timesteps + 1, n):
-        if global_step <= random_steps:
+        with torch.no_grad():
+            packed = act(student.actor, guide, xi_index_t, torch.as_tensor(obs, dtype=torch.float32, device=device),
+                         torch.as_tensor(guide_acts, device=device), args.is_clip_low, args.is_clip_high).cpu().numpy()
+        actions_np, rho_np, logp_guide_np = packed[:, :act_dim], packed[:, act_dim], packed[:, act_dim + 1]
+        g_mean_np, g_std_np = packed[:, act_dim + 2: 2 * act_dim + 2], packed[:, 2 * act_dim + 2:]
+        if global_step <= random_steps:  # the SAC-Lag baseline's uniform random start (no guide)
             actions_np = np.stack([envs.single_action_space.sample() for _ in range(n)]).astype(np.float32)
-            rho_np, logp_guide_np = np.ones(n, np.float32), np.zeros(n, np.float32)
-        else:
-            with torch.no_grad():
-                packed = act(torch.as_tensor(obs, dtype=torch.float32, device=device),
-                             torch.as_tensor(guide_acts, device=device)).cpu().numpy()
-            actions_np, rho_np, logp_guide_np = packed[:, :act_dim], packed[:, act_dim], packed[:, act_dim + 1]
         next_obs, rewards, costs, terminations, truncations, infos = envs.step(actions_np)
         logger.log_costs(global_step, costs)  # the behaviour policy's cost (paper Fig. 6)
         for i in range(n):
@@ -830,8 +864,13 @@ if __name__ == "__main__":
         steps_by_guide += int(guide_acts.sum())
         window_steps += n
 
-        row = dict(obs=obs, action=actions_np, next_obs=real_next_obs(next_obs, truncations, terminations, infos),
-                   reward=rewards, cost=costs, done=terminations, rho=rho_np, logp_guide=logp_guide_np)
+        final_obs = real_next_obs(next_obs, truncations, terminations, infos)
+        with torch.no_grad():
+            g_next = next_guide_gaussian(guide, xi_index_t, torch.as_tensor(final_obs, dtype=torch.float32,
+                                                                             device=device), act_dim).cpu().numpy()
+        row = dict(obs=obs, action=actions_np, next_obs=final_obs, reward=rewards, cost=costs, done=terminations,
+                   rho=rho_np, logp_guide=logp_guide_np, guide_mean=g_mean_np, guide_std=g_std_np,
+                   guide_next_mean=g_next[:, :act_dim], guide_next_std=g_next[:, act_dim:])
         if two_buffers:  # separate student and guide buffers
             for buffer, mask in ((rb, ~guide_acts), (rb_guide, guide_acts)):
                 if mask.any():

@@ -174,8 +174,7 @@ def _agent(args, with_guide=True, obs_dim=6, seed=0):
     torch.manual_seed(seed)
     space = make_safety_env("SafetyPointGoal1", seed=0).action_space
     guide = sagui.Actor(4, 2, args.hidden_size, space.low, space.high).requires_grad_(False) if with_guide else None
-    xi = torch.tensor([0, 1, 2, 3])
-    return sagui.SACLagrangian(obs_dim, 2, args, space, 25.0, "cpu", guide=guide, xi_index=xi if with_guide else None)
+    return sagui.SACLagrangian(obs_dim, 2, args, space, 25.0, "cpu", guide=guide)
 
 
 def _batch(n=4, obs_dim=6, seed=0):
@@ -183,7 +182,33 @@ def _batch(n=4, obs_dim=6, seed=0):
     return {"obs": torch.randn(n, obs_dim, generator=g), "action": torch.rand(n, 2, generator=g) * 1.8 - 0.9,
             "next_obs": torch.randn(n, obs_dim, generator=g), "reward": torch.randn(n, generator=g),
             "cost": (torch.rand(n, generator=g) < 0.3).float(), "done": torch.zeros(n),
-            "rho": torch.rand(n, generator=g) * 1.9 + 0.1, "logp_guide": -torch.rand(n, generator=g)}
+            "rho": torch.rand(n, generator=g) * 1.9 + 0.1, "logp_guide": -torch.rand(n, generator=g),
+            "guide_mean": torch.randn(n, 2, generator=g), "guide_std": torch.rand(n, 2, generator=g) + 0.1,
+            "guide_next_mean": torch.randn(n, 2, generator=g), "guide_next_std": torch.rand(n, 2, generator=g) + 0.1}
+
+
+def test_behaviour_policy_packs_action_rho_and_the_guide_gaussian():
+    """One row per env: who acts, rho (1 for the student's own actions), log pi_guide of the executed action, and
+    the guide's Gaussian at Xi(s), which the update uses for the KL instead of a guide forward pass."""
+    torch.manual_seed(0)
+    space = make_safety_env("SafetyPointGoal1", seed=0).action_space
+    student = sagui.Actor(6, 2, 8, space.low, space.high)
+    guide = sagui.Actor(4, 2, 8, space.low, space.high)
+    xi, obs = torch.tensor([5, 0, 2, 3]), torch.randn(64, 6)
+    who = torch.arange(64) % 2 == 0  # even rows: the guide acts
+    with torch.no_grad():
+        packed = sagui.behaviour_policy(student, guide, xi, obs, who, 0.1, 2.0)
+        action, rho, logp_g, g_mean, g_std = packed[:, :2], packed[:, 2], packed[:, 3], packed[:, 4:6], packed[:, 6:]
+        mean, std = guide.dist(obs[:, xi])
+        torch.testing.assert_close(g_mean, mean)
+        torch.testing.assert_close(g_std, std)
+        torch.testing.assert_close(logp_g, guide.log_prob(obs[:, xi], action), atol=1e-4, rtol=1e-4)
+        expected_rho = torch.clamp(torch.exp(student.log_prob(obs, action) - logp_g), 0.1, 2.0)
+        torch.testing.assert_close(rho[who], expected_rho[who], atol=1e-4, rtol=1e-4)
+        assert (rho[~who] == 1).all()
+        # the guide's actions come from the guide's Gaussian: their guide log-prob is, on average, the higher one
+        assert logp_g[who].mean() > logp_g[~who].mean()
+        torch.testing.assert_close(sagui.guide_gaussian(guide, xi, obs, 2), torch.cat([mean, std], 1))
 
 
 def test_omega_is_the_live_beta_at_every_gradient_step():
