@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -49,14 +50,20 @@ def timed_run(cmd: list[str], cwd: Path) -> list[tuple[float, str]]:
     """Run `cmd`, returning (seconds since start, line) for every line it prints."""
     print("$", " ".join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    t0 = time.time()
+    t0, cpu0 = time.time(), children_cpu()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = [(time.time() - t0, line.rstrip()) for line in proc.stdout]
     if proc.wait() != 0:
         print("\n".join(line for _, line in lines[-30:]))
         raise SystemExit(f"run failed: {' '.join(cmd)}")
-    print(f"  took {time.time() - t0:.0f}s", flush=True)
+    print(f"  took {time.time() - t0:.0f}s wall, {children_cpu() - cpu0:.0f}s CPU (with its compile workers)", flush=True)
+    lines.append((children_cpu() - cpu0, "CPU_SECONDS"))
     return lines
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def sagui_progress(lines, phase_marker=None):
@@ -91,9 +98,10 @@ if __name__ == "__main__":
              "--learning-starts", "500", "--log-every", "100", "--eval-every", "1000000", "--eval-episodes", "1"]
     results = {}
 
-    def record(name, points, start, end):
+    def record(name, points, start, end, cpu_seconds):
         sps, t_start = window_sps(points, start, end)
-        results[name] = {"steps_per_s": round(sps, 1), "seconds_to_step_%d" % start: round(t_start, 1)}
+        results[name] = {"steps_per_s": round(sps, 1), "seconds_to_step_%d" % start: round(t_start, 1),
+                         "cpu_seconds_whole_run": round(cpu_seconds)}
         print(f"  {name}: {sps:.1f} env steps/s between steps {start} and {end} "
               f"(reached step {start} after {t_start:.0f}s)", flush=True)
 
@@ -123,13 +131,13 @@ if __name__ == "__main__":
             continue
         lines = timed_run(cmd, cwd)
         points = cleanrl_progress(lines) if name == "cleanrl_sac" else sagui_progress(lines)
-        record(name, points, args.measure_from, args.steps)
+        record(name, points, args.measure_from, args.steps, lines[-1][0])
     for num_envs in (1, 4):
         name = f"sagui_guide_phase_num_envs_{num_envs}"
         if wanted is not None and name not in wanted:
             continue
         lines = timed_run([*sagui, "--guide-total-timesteps", str(args.guide_steps), "--total-timesteps", "100",
                            "--num-envs", str(num_envs), "--compile", "off", "--exp-name", name], out)
-        record(name, sagui_progress(lines, "[guide]"), args.measure_from, args.guide_steps)
+        record(name, sagui_progress(lines, "[guide]"), args.measure_from, args.guide_steps, lines[-1][0])
     print(json.dumps(results, indent=1))
     (out / "speed_results.json").write_text(json.dumps(results, indent=1))
