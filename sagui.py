@@ -16,31 +16,45 @@ Paper -> code
 - Xi, the abstraction (Assumption 3)                -> `abstraction_index()`: drop `goal_lidar`
 - eq. 4, auxiliary displacement reward              -> `SourceTask.step()`
 - cost limit d -> per-step discounted target d_bar  -> `per_step_cost_target()`
-- guide: reward-free constrained RL + eq. 4         -> `SACLagrangian.update()` with omega = 0, alpha fixed
+- guide: reward-free constrained RL + eq. 4         -> `SACLagrangian.update()` without a guide, alpha fixed
 - eq. 5, KL-regularised student objective           -> `kl_regularised_target()` (critic),
                                                        `SACLagrangian.update()` (actor)
-- omega = beta                                      -> `kl_weight()`
+- omega = beta, at every gradient step              -> `kl_weight()`, called inside `SACLagrangian.update()`
+- the Lagrange multiplier beta                      -> `SACLagrangian.update()` (`--beta-update paper`/`code`),
+                                                       `SACLagrangian.update_beta_from_episodes()` (`episodic`)
 - composite sampling, control-switch / linear-decay -> `control_switch()`, `linear_decay()`, the student loop
 - importance sampling for guide actions             -> `importance_weight()`
 - the algorithm (guide, then student)               -> the two loops under `if __name__ == "__main__":`
+- the paper's Static and Semi-Dynamic environments  -> `common/sagui_tasks.py` (ids SafetyPointSaguiStatic,
+                                                       SafetyCarSaguiSemiDynamic); Dynamic = SafetyPointGoal1
 
 Deviations (see docs/sagui.md for the full list and the reasons)
-- Source task: Safety-Gymnasium cannot remove the goal from a Goal task, so the source task is the target task
-  with `goal_lidar` dropped from the observation and the task reward replaced by eq. 4 (the hidden goal still
-  exists and is resampled when touched; it gives no reward and no cost). The authors' source env has no goal.
+- Source task: for Safety-Gymnasium's own Goal/Push tasks the source task is the target task with `goal_lidar`
+  dropped from the observation and the task reward replaced by eq. 4 (the hidden goal still exists and is
+  resampled when touched; it gives no reward and no cost). For the paper's Static and Semi-Dynamic layouts the
+  source task is the layout without a goal, as the authors' source environments.
 - Boundary: as in the authors' guide code, leaving the placement extents ends the guide's episode with r = 0.
   The student's target task has no boundary (as in the authors' student code).
 - The KL term follows the paper by default (omega = beta, log pi_guide of the next action and an extra
   omega-weighted entropy in the soft value, and the KL in the actor loss); `--kl-variant code` gives the
   authors' code: omega = 0.1 beta + 0.01, log pi_guide of the *executed* action added to the reward, no KL in
-  the actor loss; the code's other choices are separate flags (`--beta-damp 10`, `--is-squared`).
+  the actor loss. In both, omega is computed from the live beta inside every gradient step (as the code).
+- beta: by default its loss uses Qc(s, a ~ pi) (the Lagrangian of the paper); `--beta-update code` uses Qc at
+  the buffer's action (the code); `--beta-update episodic` drives beta from the measured episodic cost of the
+  behaviour policy (as OmniSafe's SAC-Lag), which keeps omega = beta alive while episodes are over the limit.
+  `--beta-damp 10` / `--guide-beta-damp 10` add the code's proportional term.
 - Importance weights are computed when the transition is collected (as in the authors' code), with the
   student of that moment, and multiply the critic and actor losses (`--is-squared` squares them in the
   critic loss as the code does).
-- Update order: critics, actor, alpha, beta, then Polyak (the code updates the actor first); beta's loss uses
-  Qc(s, a ~ pi) (the Lagrangian of the paper), the code uses Qc at the buffer's action.
-- Evaluation: 10 episodes of the student alone (stochastic actions, as the code) every `--eval-every` steps
-  (the code runs 100 episodes per 30k-step epoch).
+- Control-switch minibatches take their guide quarter only once the guide buffer holds a whole batch
+  (all-student batches before); `--cs-wait-for-both-buffers` does no update at all until then (the code).
+- Update order: critics, actor, alpha, beta, then Polyak (the code updates the actor first).
+- Evaluation: `--eval-episodes` (10) episodes of the student alone (stochastic actions, as the code) every
+  `--eval-every` steps; the guide alone in the target task after its training, deterministic (as the code's
+  guide test) and stochastic (as it acts for the student).
+- Speed: replay lives on the device (one copy per env step, one gather per minibatch); `--compile` wraps the
+  same update and acting functions in torch.compile (LeanRL's way); `--num-envs` steps several environments
+  per iteration and keeps one gradient step per environment step.
 """
 
 from __future__ import annotations
@@ -60,7 +74,6 @@ import tyro
 
 from common import (
     Logger,
-    ReplayBuffer,
     SafeVectorEnv,
     check_choice,
     check_finite,
@@ -74,6 +87,7 @@ from common import (
     seed_everything,
 )
 from common.envs import EpisodeStatistics
+from common.sagui_tasks import paper_cost_limit, source_id
 
 
 @dataclass
@@ -89,33 +103,51 @@ class Args:
     capture_video: bool = False
     """not supported by this script (kept for CleanRL's common block); setting it is an error"""
     save_model: bool = False
-    """save the student to runs/<run>/student.pt (the guide is always saved to runs/<run>/guide.pt)"""
+    """save the student (networks, alpha, beta, targets, optimisers) to runs/<run>/student.pt; the guide is
+    always saved to runs/<run>/guide.pt"""
 
     # Algorithm specific arguments
     env_id: str = "SafetyPointGoal1"
-    """target task: a Safety-Gymnasium Goal/Button/Push id (state observations with a goal part)"""
+    """target task: SafetyPointGoal1 (the paper's Dynamic), SafetyPointSaguiStatic, SafetyCarSaguiSemiDynamic,
+    or another Safety-Gymnasium Goal/Push id (state observations with a goal part)"""
     total_timesteps: int = 4_500_000
-    """student (target task) environment steps (paper, Dynamic: 4.5M)"""
+    """student (target task) environment steps (paper: Static 1.5M, Semi-Dynamic 3M, Dynamic 4.5M)"""
     guide_total_timesteps: int = 9_000_000
     """guide (source task) environment steps (authors' code default; not in the paper)"""
     guide_path: Optional[str] = None
     """reuse a saved guide (runs/<run>/guide.pt) and skip the guide phase"""
+    guide_only: bool = False
+    """train, save and evaluate the guide, then stop (reuse it with --guide-path)"""
     use_guide: bool = True
     """False (--no-use-guide): the SAC-Lagrangian baseline from scratch: no guide phase, no KL, student acts"""
+    num_envs: int = 1
+    """environments stepped together in each phase; one gradient step per environment step is kept"""
+    compile: str = "auto"
+    """torch.compile the update and acting functions: on, off, or auto (on with CUDA, off on the CPU)"""
     sampling: str = "control-switch"
     """composite sampling of the behaviour policy: control-switch, linear-decay or student"""
     ld_mode: str = "step"
-    """linear-decay only: draw guide-or-student each step ("step") or once per episode ("trajectory")"""
+    """linear-decay: draw guide-or-student each step ("step"), once per episode ("trajectory"), or the authors'
+    mix ("mixed": each episode is step-wise with probability 1 - progress, else trajectory-wise)"""
     kl_variant: str = "paper"
     """KL regularisation toward the guide: "paper" (eq. 5, omega = beta) or "code" (omega = 0.1 beta + 0.01)"""
     fixed_omega: Optional[float] = None
     """ablation: a constant KL weight omega instead of the adaptive one (0 disables the KL term)"""
+    beta_update: str = "paper"
+    """how beta learns: "paper" (Qc(s, a~pi) vs d_bar, every gradient step), "code" (Qc at the buffer's action),
+    or "episodic" (the mean episodic cost of the last finished episodes vs d, OmniSafe's SAC-Lag)"""
+    beta_damp: float = 0.0
+    """student: proportional damping of beta in the actor loss, damp = this * mean(d_bar - Qc) (authors: 10)"""
+    guide_beta_damp: float = 0.0
+    """guide: the same damping for the guide (authors: 10)"""
+    cs_wait_for_both_buffers: bool = False
+    """control-switch: no update until both buffers hold a batch (the authors' code)"""
     displacement_reward: bool = True
     """guide: add the displacement reward of eq. 4; False (--no-displacement-reward) is the MaxEnt ablation"""
     displacement_scale: float = 1.0
     """guide: weight of the displacement reward (authors' code: 1.0)"""
-    cost_limit: float = 25.0
-    """student: cost limit d per 1000-step episode (paper, Dynamic: 25)"""
+    cost_limit: Optional[float] = None
+    """student: cost limit d per 1000-step episode; default: the paper's d (Static 5, Semi-Dynamic 8, else 25)"""
     guide_cost_limit: float = 20.0
     """guide: cost limit per episode in the source task (authors' code: 20)"""
     guide_alpha: float = 1.0
@@ -123,9 +155,9 @@ class Args:
     max_episode_steps: int = 1000
     """episode length T used to turn d into the per-step target d_bar (Safety-Gymnasium's horizon)"""
     hidden_size: int = 256
-    """width of the two hidden layers of every network (paper, Dynamic: 256)"""
+    """width of the two hidden layers of every network (paper: Static 32, Semi-Dynamic 64, Dynamic 256)"""
     batch_size: int = 256
-    """minibatch size (paper, Dynamic: 256)"""
+    """minibatch size (paper: Static 32, Semi-Dynamic 64, Dynamic 256)"""
     buffer_size: int = 1_000_000
     """replay capacity (for control-switch: split in half between student and guide buffers, as the code)"""
     gamma: float = 0.99
@@ -135,7 +167,7 @@ class Args:
     lr: float = 1e-3
     """learning rate of the actor, the critics and alpha"""
     beta_lr: float = 5e-2
-    """learning rate of the cost multiplier beta"""
+    """learning rate of the cost multiplier beta (per gradient step; per finished episode with `episodic`)"""
     target_entropy_scale: float = -1.0
     """student: target entropy = this * action dimension"""
     guide_batch_fraction: float = 0.25
@@ -146,18 +178,16 @@ class Args:
     """upper clip of the importance weight pi_student / pi_guide"""
     is_squared: bool = False
     """square the importance weight inside the critic loss (authors' code) instead of weighting the MSE"""
-    beta_damp: float = 0.0
-    """proportional damping of beta in the actor loss, damp = this * mean(d_bar - Qc) (authors' code: 10)"""
     random_steps: int = 500
     """uniform random actions at the start of the guide phase and of the SAC-Lag baseline"""
     learning_starts: int = 500
     """no gradient updates before this many steps of a phase"""
     update_every: int = 100
-    """do this many gradient steps every this many environment steps"""
+    """do this many gradient steps every this many environment steps (a multiple of --num-envs)"""
     eval_every: int = 30_000
     """evaluate the student alone every this many steps (and at the end)"""
     eval_episodes: int = 10
-    """episodes per evaluation"""
+    """episodes per evaluation (also of the guide alone, after its training)"""
     log_every: int = 1000
     """console line and multiplier/loss scalars every this many steps"""
 
@@ -175,8 +205,9 @@ def abstraction_index(obs_space_dict) -> tuple[np.ndarray, list[str]]:
     if GOAL_KEY not in slices:
         raise ValueError(
             f"SaGui needs a target task whose observation has a goal part ({GOAL_KEY!r}) for the abstraction "
-            f"to hide; this environment observes {list(slices)}. Use a Goal, Button or Push task, e.g. "
-            "SafetyPointGoal1 (the paper's Dynamic), SafetyCarGoal1, SafetyPointButton1, SafetyPointPush1."
+            f"to hide; this environment observes {list(slices)}. Use a Goal or Push task, e.g. "
+            "SafetyPointGoal1 (the paper's Dynamic), SafetyPointSaguiStatic, SafetyCarSaguiSemiDynamic, "
+            "SafetyCarGoal1, SafetyPointPush1."
         )
     kept = [k for k in slices if k != GOAL_KEY]
     return np.concatenate([np.arange(slices[k].start, slices[k].stop) for k in kept]), kept
@@ -190,8 +221,8 @@ def displacement(pos_before: np.ndarray, pos_after: np.ndarray) -> float:
 class SourceTask(gym.Wrapper):
     """The source task: no task reward, eq. 4's displacement reward, and a boundary at the placement extents.
 
-    Wraps an env built with `drop_obs_keys=("goal_lidar",)`. Leaving the extents ends the episode with r = 0,
-    as the walls of the authors' source environment did.
+    Wraps a goal-less env (the paper's layouts) or one built with `drop_obs_keys=("goal_lidar",)`. Leaving the
+    extents ends the episode with r = 0, as the walls of the authors' source environment did.
     """
 
     def __init__(self, env: gym.Env, displacement_scale: float):
@@ -211,7 +242,11 @@ class SourceTask(gym.Wrapper):
 
 def make_source_env(env_id: str, seed: int, displacement_scale: float):
     def thunk():
-        env = make_safety_env(env_id, seed=seed, drop_obs_keys=(GOAL_KEY,))
+        goal_less = source_id(env_id)  # the paper's layouts have a goal-less source task
+        if goal_less is not None:
+            env = make_safety_env(goal_less, seed=seed)
+        else:
+            env = make_safety_env(env_id, seed=seed, drop_obs_keys=(GOAL_KEY,))
         # statistics again on top, so that the episode return is the eq. 4 return and the boundary ends it
         return EpisodeStatistics(SourceTask(env, displacement_scale))
 
@@ -225,6 +260,15 @@ def make_target_env(env_id: str, seed: int):
 def per_step_cost_target(cost_limit: float, gamma: float, horizon: int) -> float:
     """d_bar = d (1 - gamma^T) / ((1 - gamma) T): the per-episode limit as a bound on the discounted Qc."""
     return cost_limit * (1 - gamma**horizon) / ((1 - gamma) * horizon)
+
+
+def discounted_cost_to_go(costs: np.ndarray, gamma: float) -> float:
+    """Mean over an episode's steps t of sum_k gamma^k c_{t+k}: the measured counterpart of Qc (and of d_bar)."""
+    to_go, acc = np.zeros(len(costs)), 0.0
+    for t in range(len(costs) - 1, -1, -1):
+        acc = costs[t] + gamma * acc
+        to_go[t] = acc
+    return float(to_go.mean()) if len(costs) else 0.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,6 +290,7 @@ class Actor(nn.Module):
         self.register_buffer("bias", (high + low) / 2)
 
     def dist(self, obs):
+        """The Gaussian before squashing: (mean, std)."""
         h = self.trunk(obs)
         log_std = self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
         return self.mean(h), log_std.exp()
@@ -258,13 +303,17 @@ class Actor(nn.Module):
 
     def sample(self, obs, deterministic: bool = False):
         """(action, log pi(action | obs)); reparameterised."""
-        mean, std = self.dist(obs)
+        return self.sample_from(*self.dist(obs), deterministic)
+
+    def sample_from(self, mean, std, deterministic: bool = False):
         u = mean if deterministic else mean + std * torch.randn_like(mean)
         return torch.tanh(u) * self.scale + self.bias, self._squash_log_prob(u, mean, std)
 
     def log_prob(self, obs, action):
         """log pi(action | obs) of a given (e.g. the other policy's) action."""
-        mean, std = self.dist(obs)
+        return self.log_prob_from(*self.dist(obs), action)
+
+    def log_prob_from(self, mean, std, action):
         y = ((action - self.bias) / self.scale).clamp(-1 + 1e-6, 1 - 1e-6)
         return self._squash_log_prob(torch.atanh(y), mean, std)
 
@@ -276,6 +325,46 @@ class QNet(nn.Module):
 
     def forward(self, obs, action):
         return self.net(torch.cat([obs, action], -1)).squeeze(-1)
+
+
+class DeviceReplay:
+    """A replay ring buffer held on the device as one float tensor (one column block per field).
+
+    `add` packs a step's rows into one host array and copies it once; `sample` draws indices with torch on the
+    device and gathers once, so a minibatch costs no host->device copy and no host-side random draw.
+    Fields are given as name -> shape (`()` for a scalar per row); samples come back as float32 views.
+    """
+
+    def __init__(self, capacity: int, fields: dict[str, tuple], device):
+        self.columns, width = {}, 0
+        for name, shape in fields.items():
+            size = int(np.prod(shape)) if shape else 1
+            self.columns[name] = (slice(width, width + size), shape)
+            width += size
+        self.data = torch.zeros(capacity, width, device=device)
+        self.capacity, self.pos, self.size = capacity, 0, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, **rows) -> None:
+        n = len(next(iter(rows.values())))
+        packed = np.concatenate([np.asarray(rows[k], np.float32).reshape(n, -1) for k in self.columns], 1)
+        idx = (self.pos + np.arange(n)) % self.capacity
+        self.data[torch.as_tensor(idx, device=self.data.device)] = torch.as_tensor(packed).to(self.data.device)
+        self.pos, self.size = int((self.pos + n) % self.capacity), min(self.size + n, self.capacity)
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        rows = self.data[torch.randint(self.size, (batch_size,), device=self.data.device)]
+        return {k: rows[:, s].reshape(batch_size, *shape) for k, (s, shape) in self.columns.items()}
+
+
+def replay_fields(obs_dim, act_dim):
+    """A transition, plus what the frozen guide says about it: its log-prob of the executed action (code variant)
+    and its Gaussian (mean, std) at Xi(s) and Xi(s'), computed once when stored instead of at every gradient step."""
+    return {"obs": (obs_dim,), "action": (act_dim,), "next_obs": (obs_dim,), "reward": (), "cost": (), "done": (),
+            "rho": (), "logp_guide": (), "guide_mean": (act_dim,), "guide_std": (act_dim,),
+            "guide_next_mean": (act_dim,), "guide_next_std": (act_dim,)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,10 +390,13 @@ def linear_decay(step: int, total_steps: int) -> float:
     return max(0.0, 1.0 - step / total_steps)
 
 
-def kl_weight(beta: float, variant: str, fixed: Optional[float] = None) -> float:
-    """omega: the paper sets omega = beta; the authors' code uses 0.1 beta + 0.01; an ablation uses a constant."""
+def kl_weight(beta, variant: str, fixed: Optional[float] = None):
+    """omega: the paper sets omega = beta; the authors' code uses 0.1 beta + 0.01; an ablation uses a constant.
+
+    `beta` may be a tensor (the live multiplier inside a gradient step): then so is omega, with no device sync.
+    """
     if fixed is not None:
-        return fixed
+        return beta * 0 + fixed if isinstance(beta, torch.Tensor) else fixed
     return beta if variant == "paper" else 0.1 * beta + 0.01
 
 
@@ -326,28 +418,38 @@ def kl_regularised_target(reward, done, gamma, min_q_next, logp_next, logp_guide
 class SACLagrangian:
     """SAC-Lagrangian with twin reward critics and one cost critic; used for the guide and for the student.
 
-    The guide: fixed alpha, omega = 0, no guide to imitate. The student: learned alpha, omega from `kl_weight`,
-    KL toward `guide` (a frozen Actor on Xi(s)), importance weights rho on guide actions.
+    The guide: fixed alpha, no guide to imitate (omega = 0). The student: learned alpha, a KL toward `guide`
+    (a frozen Actor on Xi(s), whose Gaussians at Xi(s) and Xi(s') come with the batch) weighted by
+    omega = kl_weight(beta), importance weights rho on guide actions.
+    `update()` is one gradient step of everything and reads nothing back from the device; `--compile` wraps it.
     """
 
-    def __init__(self, obs_dim, act_dim, args: Args, action_space, cost_limit, device, fixed_alpha=None):
+    def __init__(self, obs_dim, act_dim, args: Args, action_space, cost_limit, device, fixed_alpha=None,
+                 beta_damp=0.0, guide: Optional[Actor] = None):
         h = args.hidden_size
         self.actor = Actor(obs_dim, act_dim, h, action_space.low, action_space.high).to(device)
         self.qr1, self.qr2, self.qc = (QNet(obs_dim, act_dim, h).to(device) for _ in range(3))
         self.qr1_t, self.qr2_t, self.qc_t = (QNet(obs_dim, act_dim, h).to(device) for _ in range(3))
         for q, q_t in self.critic_pairs():
             q_t.load_state_dict(q.state_dict())
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
-        critic_params = [*self.qr1.parameters(), *self.qr2.parameters(), *self.qc.parameters()]
-        self.q_opt = torch.optim.Adam(critic_params, lr=args.lr)
+            q_t.requires_grad_(False)
+        self.online_params = [p for q, _ in self.critic_pairs() for p in q.parameters()]
+        self.target_params = [p for _, q_t in self.critic_pairs() for p in q_t.parameters()]
+        adam = lambda params, lr: torch.optim.Adam(params, lr=lr, foreach=True)  # noqa: E731 (fewer, larger ops)
+        self.actor_opt = adam(self.actor.parameters(), args.lr)
+        self.q_opt = adam(self.online_params, args.lr)
         # alpha = softplus(.) and beta = softplus(.), both starting from softplus(0) = log 2 (authors' code)
         self.fixed_alpha = fixed_alpha
         self.soft_alpha = torch.zeros((), device=device, requires_grad=True)
         self.soft_beta = torch.zeros((), device=device, requires_grad=True)
-        self.alpha_opt = torch.optim.Adam([self.soft_alpha], lr=args.lr)
-        self.beta_opt = torch.optim.Adam([self.soft_beta], lr=args.beta_lr)
+        self.alpha_opt = adam([self.soft_alpha], args.lr)
+        self.beta_opt = adam([self.soft_beta], args.beta_lr)
+        self.actor_side_params = [*self.actor.parameters(), self.soft_alpha, self.soft_beta]
         self.target_entropy = args.target_entropy_scale * act_dim
+        self.cost_limit = cost_limit
         self.d_bar = per_step_cost_target(cost_limit, args.gamma, args.max_episode_steps)
+        self.beta_damp, self.guide = beta_damp, guide
+        self.kl_on = guide is not None and args.fixed_omega != 0
         self.args = args
 
     def critic_pairs(self):
@@ -361,22 +463,23 @@ class SACLagrangian:
     def beta(self) -> float:
         return F.softplus(self.soft_beta).item()
 
-    def update(self, batch, omega=0.0, guide=None, xi_index=None, variant="paper"):
-        """One gradient step of the critics, actor, alpha and beta, then Polyak averaging. Returns losses."""
+    def update(self, batch: dict) -> dict:
+        """One gradient step of the critics, actor, alpha and beta, then Polyak averaging. Returns detached tensors."""
         args = self.args
         obs, act, next_obs = batch["obs"], batch["action"], batch["next_obs"]
         rew, cost, done, rho = batch["reward"], batch["cost"], batch["done"], batch["rho"]
-        # detached tensors, not floats: reading them with .item() would wait for the device at every gradient step
         alpha = self.fixed_alpha if self.fixed_alpha is not None else F.softplus(self.soft_alpha).detach()
-        beta = F.softplus(self.soft_beta).detach()
-        use_kl = guide is not None and omega != 0.0
+        beta = F.softplus(self.soft_beta).detach()  # the live multiplier of this very gradient step
+        omega = kl_weight(beta, args.kl_variant, args.fixed_omega) if self.kl_on else beta * 0  # omega = beta
 
         with torch.no_grad():
             next_act, next_logp = self.actor.sample(next_obs)
             min_q_next = torch.min(self.qr1_t(next_obs, next_act), self.qr2_t(next_obs, next_act))
-            logp_g_next = guide.log_prob(next_obs[:, xi_index], next_act) if use_kl else torch.zeros_like(next_logp)
-            y_r = kl_regularised_target(rew, done, args.gamma, min_q_next, next_logp, logp_g_next, alpha,
-                                        omega if use_kl else 0.0, variant, batch["logp_guide"])
+            logp_g_next = torch.zeros_like(next_logp)
+            if self.kl_on and args.kl_variant == "paper":  # log pi_guide(a' | Xi(s')) from the stored guide Gaussian
+                logp_g_next = self.guide.log_prob_from(batch["guide_next_mean"], batch["guide_next_std"], next_act)
+            y_r = kl_regularised_target(rew, done, args.gamma, min_q_next, next_logp, logp_g_next, alpha, omega,
+                                        args.kl_variant, batch["logp_guide"])
             y_c = cost + args.gamma * (1 - done) * self.qc_t(next_obs, next_act)  # cost critic: no entropy term
 
         # critics, weighted by the importance weights of guide actions (1 for the student's own)
@@ -393,46 +496,101 @@ class SACLagrangian:
         new_act, logp = self.actor.sample(obs)
         min_q = torch.min(self.qr1(obs, new_act), self.qr2(obs, new_act))
         qc_pi = self.qc(obs, new_act)
-        damp = args.beta_damp * (self.d_bar - qc_values.detach()).mean() if args.beta_damp else 0.0
-        if use_kl and variant == "paper":
+        damp = self.beta_damp * (self.d_bar - qc_values.detach()).mean()  # authors' proportional term (0: paper)
+        kl_sample = torch.zeros_like(logp)
+        if self.kl_on and args.kl_variant == "paper":
             # eq. 5: (alpha + omega) log pi - omega log pi_guide = alpha log pi + omega KL(pi || pi_guide) per sample
-            logp_g = guide.log_prob(obs[:, xi_index], new_act)
-            per_sample = (alpha + omega) * logp - omega * logp_g - min_q + (beta - damp) * qc_pi
+            kl_sample = logp - self.guide.log_prob_from(batch["guide_mean"], batch["guide_std"], new_act)
+            per_sample = alpha * logp + omega * kl_sample - min_q + (beta - damp) * qc_pi
         else:
             per_sample = alpha * logp - min_q + (beta - damp) * qc_pi
         actor_loss = (rho * per_sample).mean()
-        self.actor_opt.zero_grad()
-        actor_loss.backward()
-        self.actor_opt.step()
 
         # alpha (student only): keep the entropy near the target
-        alpha_loss = torch.zeros(())
+        alpha_loss = torch.zeros_like(beta)
         if self.fixed_alpha is None:
             alpha_loss = -F.softplus(self.soft_alpha) * (self.target_entropy + logp.detach().mean())
-            self.alpha_opt.zero_grad()
-            alpha_loss.backward()
+        # beta: grows while the discounted cost estimate exceeds d_bar (the Lagrangian's dual step)
+        beta_loss = torch.zeros_like(beta)
+        if args.beta_update != "episodic":
+            qc_estimate = qc_pi.detach() if args.beta_update == "paper" else qc_values.detach()  # code: buffer's a
+            beta_loss = F.softplus(self.soft_beta) * (self.d_bar - qc_estimate.mean())
+        # actor, alpha and beta share no parameter (each sees the others detached): one backward for the three,
+        # into their parameters only (the critics' weight gradients would be computed and thrown away)
+        for opt in (self.actor_opt, self.alpha_opt, self.beta_opt):
+            opt.zero_grad()
+        (actor_loss + alpha_loss + beta_loss).backward(inputs=self.actor_side_params)
+        self.actor_opt.step()
+        if self.fixed_alpha is None:
             self.alpha_opt.step()
+        if args.beta_update != "episodic":
+            self.beta_opt.step()
 
-        # beta: grows while the discounted cost Qc(s, a ~ pi) exceeds d_bar
-        beta_loss = F.softplus(self.soft_beta) * (self.d_bar - qc_pi.detach()).mean()
+        with torch.no_grad():  # Polyak averaging: p_t <- (1 - tau) p_t + tau p
+            torch._foreach_lerp_(self.target_params, self.online_params, args.tau)
+        # detached tensors: read (and checked for NaNs) once per round, not after every step (no device syncs)
+        return {"qr_loss": (qr1_loss + qr2_loss).detach() / 2, "qc_loss": qc_loss.detach(),
+                "actor_loss": actor_loss.detach(), "alpha_loss": alpha_loss.detach(), "beta_loss": beta_loss.detach(),
+                "qc_values": qc_values.detach().mean(), "qc_pi": qc_pi.detach().mean(), "beta": beta,
+                "omega": torch.as_tensor(omega).detach(), "kl": kl_sample.detach().mean(),
+                "importance_weight_mean": rho.mean()}
+
+    def update_beta_from_episodes(self, mean_episodic_cost: float) -> None:
+        """`--beta-update episodic`: one dual step on the measured cost, loss = beta (d - mean episodic cost).
+
+        OmniSafe's SAC-Lag drives its multiplier from the logged episodic cost in the same way; called when
+        training episodes finish (host data, so no device sync).
+        """
+        measured = torch.as_tensor(mean_episodic_cost, dtype=torch.float32, device=self.soft_beta.device)
+        beta_loss = F.softplus(self.soft_beta) * (self.cost_limit - measured)
         self.beta_opt.zero_grad()
         beta_loss.backward()
         self.beta_opt.step()
 
-        with torch.no_grad():
-            for q, q_t in self.critic_pairs():
-                for p, p_t in zip(q.parameters(), q_t.parameters()):
-                    p_t.mul_(1 - args.tau).add_(args.tau * p)
-        # detached tensors: read (and checked for NaNs) once per round, not after every step (no GPU syncs)
-        return {"qr_loss": (qr1_loss + qr2_loss).detach() / 2, "qc_loss": qc_loss.detach(),
-                "actor_loss": actor_loss.detach(), "alpha_loss": alpha_loss.detach(), "beta_loss": beta_loss.detach(),
-                "qc_values": qc_values.mean().detach()}
+    def state_dict(self) -> dict:
+        """Everything needed to resume: networks, targets, alpha, beta and the optimisers."""
+        nets = {name: getattr(self, name).state_dict() for name in ("actor", "qr1", "qr2", "qc", "qr1_t", "qr2_t", "qc_t")}
+        opts = {name: getattr(self, name).state_dict() for name in ("actor_opt", "q_opt", "alpha_opt", "beta_opt")}
+        return {**nets, **opts, "soft_alpha": self.soft_alpha.detach().cpu(), "soft_beta": self.soft_beta.detach().cpu()}
 
 
-def replay_fields(obs_dim, act_dim):
-    f32 = np.float32
-    return {"obs": ((obs_dim,), f32), "action": ((act_dim,), f32), "next_obs": ((obs_dim,), f32), "reward": ((), f32),
-            "cost": ((), f32), "done": ((), f32), "rho": ((), f32), "logp_guide": ((), f32)}
+def behaviour_policy(student_actor: Actor, guide: Optional[Actor], xi_index, obs, guide_acts, clip_low, clip_high):
+    """The composite behaviour policy for one step of every env (guide_acts: who acts, True = the guide).
+
+    Returns one tensor per env row, [action, rho, log pi_guide(action | Xi(s)), guide mean, guide std], so that a
+    step costs one device->host copy: the importance weight of guide actions (1 for the student's own), the guide's
+    log-prob of the executed action (the code variant's KL), and the guide's Gaussian at Xi(s) (the paper's KL).
+    """
+    mean, std = student_actor.dist(obs)
+    actions, _ = student_actor.sample_from(mean, std)
+    rho, logp_guide = torch.ones_like(obs[:, 0]), torch.zeros_like(obs[:, 0])
+    g_mean, g_std = torch.zeros_like(actions), torch.ones_like(actions)
+    if guide is not None:
+        g_mean, g_std = guide.dist(obs[:, xi_index])
+        g_actions, _ = guide.sample_from(g_mean, g_std)
+        actions = torch.where(guide_acts[:, None], g_actions, actions)
+        logp_guide = guide.log_prob_from(g_mean, g_std, actions)
+        rho_guide = importance_weight(student_actor.log_prob_from(mean, std, actions), logp_guide, clip_low, clip_high)
+        rho = torch.where(guide_acts, rho_guide, rho)
+    return torch.cat([actions, rho[:, None], logp_guide[:, None], g_mean, g_std], 1)
+
+
+def guide_gaussian(guide: Optional[Actor], xi_index, obs, act_dim: int):
+    """The frozen guide's (mean, std) at Xi(s), stored with a transition so updates need no guide forward pass."""
+    if guide is None:
+        return torch.cat([torch.zeros(len(obs), act_dim), torch.ones(len(obs), act_dim)], 1).to(obs.device)
+    return torch.cat(guide.dist(obs[:, xi_index]), 1)
+
+
+def maybe_compile(fn, enabled: bool):
+    """LeanRL's way: the eager function is the algorithm; torch.compile only wraps it.
+
+    Dynamo splits the update at each `.backward()` and optimiser step: the forward passes and losses become
+    compiled graphs (with compiled backward graphs), the optimiser steps are compiled separately.
+    (torch._dynamo.config.trace_autograd_ops, which would trace `.backward()` into the graph, left the critics'
+    gradients empty in torch 2.13: the test against the eager update caught it.)
+    """
+    return torch.compile(fn) if enabled else fn
 
 
 def real_next_obs(next_obs, truncated, terminated, info):
@@ -444,7 +602,8 @@ def real_next_obs(next_obs, truncated, terminated, info):
 
 
 @torch.no_grad()
-def evaluate(actor: Actor, env_fn, episodes: int, seed: int, device, obs_index=None) -> list[tuple[float, float]]:
+def evaluate(actor: Actor, env_fn, episodes: int, seed: int, device, obs_index=None,
+             deterministic: bool = False) -> list[tuple[float, float]]:
     """One policy alone in the target task: a list of (return, cost) per episode.
 
     The student sees the whole observation; the guide (`obs_index` = Xi's indices) sees Xi(s).
@@ -455,7 +614,7 @@ def evaluate(actor: Actor, env_fn, episodes: int, seed: int, device, obs_index=N
         done = False
         while not done:
             obs = obs if obs_index is None else obs[obs_index]
-            action, _ = actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
+            action, _ = actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None], deterministic)
             obs, _, terminated, truncated, info = env.step(action[0].cpu().numpy())
             done = terminated or truncated
         results.append((info["episode"]["r"], info["episode"]["c"]))
@@ -493,14 +652,21 @@ def load_guide(path: str, env_id: str, kept_keys: list[str], xi_dim: int, act_di
 def check_args(args: Args) -> None:
     if args.capture_video:
         raise SystemExit("error: --capture-video is not supported by sagui.py (state observations only)")
-    check_positive(args, "total_timesteps", "cost_limit", "guide_cost_limit", "max_episode_steps", "hidden_size",
+    check_positive(args, "total_timesteps", "guide_cost_limit", "max_episode_steps", "hidden_size",
                    "batch_size", "buffer_size", "lr", "beta_lr", "tau", "update_every", "eval_every", "eval_episodes",
-                   "log_every", "is_clip_low", "is_clip_high")
+                   "log_every", "is_clip_low", "is_clip_high", "num_envs")
+    if args.cost_limit is not None:
+        check_positive(args, "cost_limit")
     if args.use_guide and args.guide_path is None:
         check_positive(args, "guide_total_timesteps", "guide_alpha")
     check_choice(args, "sampling", ["control-switch", "linear-decay", "student"])
-    check_choice(args, "ld_mode", ["step", "trajectory"])
+    check_choice(args, "ld_mode", ["step", "trajectory", "mixed"])
     check_choice(args, "kl_variant", ["paper", "code"])
+    check_choice(args, "beta_update", ["paper", "code", "episodic"])
+    check_choice(args, "compile", ["auto", "on", "off"])
+    if args.update_every % args.num_envs:
+        raise SystemExit(f"error: --update-every ({args.update_every}) must be a multiple of --num-envs "
+                         f"({args.num_envs}), so that every update round follows the same number of env steps")
     if args.use_guide and args.sampling == "control-switch" and args.buffer_size < 2:
         # split in half between the student and guide buffers: 1 would leave them empty, after the guide phase
         raise SystemExit(f"error: --buffer-size must be at least 2 with --sampling control-switch (two buffers of "
@@ -514,30 +680,46 @@ def check_args(args: Args) -> None:
                          f"--is-clip-high ({args.is_clip_high})")
     if args.fixed_omega is not None and args.fixed_omega < 0:
         raise SystemExit(f"error: --fixed-omega must be >= 0, got {args.fixed_omega}")
+    if args.beta_damp < 0 or args.guide_beta_damp < 0:
+        raise SystemExit("error: --beta-damp and --guide-beta-damp must be >= 0")
     if args.random_steps < 0 or args.learning_starts < 0:
         raise SystemExit("error: --random-steps and --learning-starts must be >= 0")
     if args.guide_path is not None and not os.path.isfile(args.guide_path):
         raise SystemExit(f"error: --guide-path {args.guide_path!r} is not a file (expected runs/<run>/guide.pt)")
     if args.guide_path is not None and not args.use_guide:
         raise SystemExit("error: --guide-path and --no-use-guide contradict each other")
+    if args.guide_only and (args.guide_path is not None or not args.use_guide):
+        raise SystemExit("error: --guide-only trains a guide: it goes with neither --guide-path nor --no-use-guide")
     try:
-        _, vision = normalize_env_id(args.env_id)
+        registered, vision = normalize_env_id(args.env_id)
     except ValueError as e:
         raise SystemExit(f"error: --env-id: {e}")
     if vision:
         raise SystemExit(f"error: --env-id {args.env_id!r}: SaGui works on state observations; drop 'Vision'")
+    if args.use_guide and "Button" in registered:
+        # the button cost depends on which button is the goal, which Xi hides: Assumption 3 does not hold
+        raise SystemExit(f"error: --env-id {args.env_id!r}: in Button tasks pressing a wrong button costs, so the cost "
+                         "depends on the goal that the abstraction Xi hides; the paper's Assumption 3 (a Qc-irrelevant "
+                         "abstraction) fails and the guide cannot learn to be safe. Use a Goal or Push task "
+                         "(or --no-use-guide for the SAC-Lag baseline).")
+    if args.use_guide and registered.split("-")[0].endswith("Source"):
+        raise SystemExit(f"error: --env-id {args.env_id!r} is a guide's source task (no goal); give its target task")
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
+    if args.cost_limit is None:  # the paper's d for its layouts, 25 (SafetyPointGoal1, the Dynamic) otherwise
+        args.cost_limit = paper_cost_limit(normalize_env_id(args.env_id)[0]) or 25.0
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     logger = Logger(run_name, args)
     seed_everything(args.seed, args.torch_deterministic)
     device = get_device(args.cuda)
+    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    n = args.num_envs
 
     # target task (student) and the abstraction Xi that gives the guide's view of it
-    envs = SafeVectorEnv(gym.vector.SyncVectorEnv([make_target_env(args.env_id, args.seed)]))
+    envs = SafeVectorEnv(gym.vector.SyncVectorEnv([make_target_env(args.env_id, args.seed + i) for i in range(n)]))
     try:
         xi_index, kept_keys = abstraction_index(envs.unwrapped.envs[0].unwrapped.obs_space_dict)
     except ValueError as e:
@@ -557,58 +739,80 @@ if __name__ == "__main__":
         guide = load_guide(args.guide_path, args.env_id, kept_keys, len(xi_index), act_dim, action_space, device)
         print(f"loaded the guide from {args.guide_path}", flush=True)
     elif args.use_guide:
-        glog = Logger(f"{run_name}/guide", args)  # runs/<run>/guide/: the same tags, a second curve in TensorBoard
-        genvs = SafeVectorEnv(gym.vector.SyncVectorEnv([make_source_env(
-            args.env_id, args.seed, args.displacement_scale if args.displacement_reward else 0.0)]))
+        glog = Logger(f"{run_name}/guide", args, total_steps=args.guide_total_timesteps)  # runs/<run>/guide/
+        scale = args.displacement_scale if args.displacement_reward else 0.0
+        genvs = SafeVectorEnv(gym.vector.SyncVectorEnv([make_source_env(args.env_id, args.seed + i, scale)
+                                                         for i in range(n)]))
         genvs.single_action_space.seed(args.seed)
         g_obs_dim = genvs.single_observation_space.shape[0]
-        assert g_obs_dim == len(xi_index), "source observation and Xi(target observation) differ in size"
+        if g_obs_dim != len(xi_index):
+            raise SystemExit(f"error: the source task observes {g_obs_dim} values, Xi(target) keeps {len(xi_index)}")
         g_agent = SACLagrangian(g_obs_dim, act_dim, args, action_space, args.guide_cost_limit, device,
-                                fixed_alpha=args.guide_alpha)
-        g_rb = ReplayBuffer(args.buffer_size, replay_fields(g_obs_dim, act_dim), device, seed=args.seed)
+                                fixed_alpha=args.guide_alpha, beta_damp=args.guide_beta_damp)
+        g_update = maybe_compile(g_agent.update, use_compile)
+        g_act = maybe_compile(g_agent.actor.sample, use_compile)
+        g_rb = DeviceReplay(args.buffer_size, replay_fields(g_obs_dim, act_dim), device)
         obs, _ = genvs.reset(seed=args.seed)
-        losses = {}
-        for global_step in range(1, args.guide_total_timesteps + 1):
+        out, recent_costs = {}, []
+        for global_step in range(n, args.guide_total_timesteps + 1, n):
             if global_step <= args.random_steps:
-                actions = np.stack([genvs.single_action_space.sample() for _ in range(genvs.num_envs)])
+                actions = np.stack([genvs.single_action_space.sample() for _ in range(n)])
             else:
                 with torch.no_grad():
-                    actions, _ = g_agent.actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device))
-                actions = actions.cpu().numpy()
+                    actions = g_act(torch.as_tensor(obs, dtype=torch.float32, device=device))[0].cpu().numpy()
             next_obs, rewards, costs, terminations, truncations, infos = genvs.step(actions)
             glog.log_costs(global_step, costs)
             for _, ep in finished_episodes(infos):
                 glog.log_episode(global_step, ep["r"], ep["c"], ep["l"])
-            ones = np.ones(genvs.num_envs, np.float32)
+                recent_costs.append(ep["c"])
+            ones = np.ones(n, np.float32)
+            zeros = np.zeros((n, act_dim), np.float32)
             g_rb.add(obs=obs, action=actions, next_obs=real_next_obs(next_obs, truncations, terminations, infos),
-                     reward=rewards, cost=costs, done=terminations, rho=ones, logp_guide=0 * ones)  # time limit masked
+                     reward=rewards, cost=costs, done=terminations, rho=ones, logp_guide=0 * ones,  # time limit masked
+                     guide_mean=zeros, guide_std=zeros, guide_next_mean=zeros, guide_next_std=zeros)  # no guide here
             obs = next_obs
 
+            if args.beta_update == "episodic" and recent_costs and global_step % args.update_every == 0:
+                g_agent.update_beta_from_episodes(float(np.mean(recent_costs)))
+                recent_costs = []
             if global_step >= args.learning_starts and global_step % args.update_every == 0:
                 for _ in range(args.update_every):
-                    losses = g_agent.update(g_rb.sample(args.batch_size))  # omega = 0: plain SAC-Lagrangian
-                check_finite("guide losses", *losses.values())
+                    out = g_update(g_rb.sample(args.batch_size))  # no guide to imitate: plain SAC-Lagrangian
+                check_finite("guide losses", *out.values())
             if global_step % args.log_every == 0:
-                for k, v in losses.items():
-                    glog.scalar(f"losses/{k}", v, global_step)
+                for k in ("qr_loss", "qc_loss", "actor_loss", "beta_loss", "qc_values"):
+                    if k in out:
+                        glog.scalar(f"losses/{k}", out[k], global_step)
+                if out:
+                    glog.scalar("charts/cost_critic_estimate", out["qc_pi"], global_step)
+                glog.scalar("charts/cost_target_d_bar", g_agent.d_bar, global_step)
                 glog.scalar("charts/lagrange_multiplier", g_agent.beta, global_step)
                 glog.scalar("charts/alpha", g_agent.alpha, global_step)
                 glog.console(global_step, f"beta={g_agent.beta:.3f} [guide]")
         genvs.close()
         guide = g_agent.actor
-        del g_rb, g_agent  # free the guide's replay memory before the student's
+        del g_rb  # free the guide's replay memory before the student's
+        guide_file = os.path.join(logger.run_dir, "guide.pt")
         torch.save({"actor": guide.state_dict(), "hidden_size": args.hidden_size, "kept_keys": kept_keys,
-                    "act_dim": act_dim, "env_id": args.env_id, "args": vars(args)},
-                   os.path.join(logger.run_dir, "guide.pt"))
-        # the guide alone in the target task: the safety it brings before the student has learnt anything
-        results = evaluate(guide, make_target_env(args.env_id, args.seed + 10_000), args.eval_episodes,
-                           args.seed + 10_000, device, obs_index=xi_index)
-        for ret, cost in results:
-            glog.log_episode(args.guide_total_timesteps, ret, cost, 0, prefix="eval")
-        print(f"guide alone in the target task: return={np.mean([r for r, _ in results]):.2f} "
-              f"cost={np.mean([c for _, c in results]):.2f}", flush=True)
+                    "act_dim": act_dim, "env_id": args.env_id, "steps": args.guide_total_timesteps,
+                    "guide_agent": g_agent.state_dict(), "args": vars(args)}, guide_file)
+        # the guide alone in the target task: the safety it brings before the student has learnt anything;
+        # deterministic as the authors' guide test, stochastic as it acts for the student
+        for mode, deterministic in (("deterministic", True), ("stochastic", False)):
+            results = evaluate(guide, make_target_env(args.env_id, args.seed + 10_000), args.eval_episodes,
+                               args.seed + 10_000, device, obs_index=xi_index, deterministic=deterministic)
+            for ret, cost in results:
+                glog.log_episode(args.guide_total_timesteps, ret, cost, 0, prefix=f"eval_{mode}")
+            costs_ = [c for _, c in results]
+            print(f"guide alone in the target task ({mode}): return={np.mean([r for r, _ in results]):.2f} "
+                  f"cost={np.mean(costs_):.2f} episodes over d={args.cost_limit:g}: "
+                  f"{sum(c > args.cost_limit for c in costs_)}/{len(costs_)}", flush=True)
         glog.close()
-        print(f"guide saved to {os.path.join(logger.run_dir, 'guide.pt')}", flush=True)
+        print(f"guide saved to {guide_file}", flush=True)
+        if args.guide_only:
+            envs.close()
+            logger.close()
+            raise SystemExit(0)
     if guide is not None:
         guide.requires_grad_(False)
 
@@ -616,57 +820,57 @@ if __name__ == "__main__":
     # Phase 2: the student in the target task, under the guide
     # ============================================================================================
     sampling = args.sampling if guide is not None else "student"
-    variant = args.kl_variant
-    student = SACLagrangian(obs_dim, act_dim, args, action_space, args.cost_limit, device)
+    student = SACLagrangian(obs_dim, act_dim, args, action_space, args.cost_limit, device, beta_damp=args.beta_damp,
+                            guide=guide)
+    update = maybe_compile(student.update, use_compile)
     two_buffers = sampling == "control-switch"
     capacity = args.buffer_size // 2 if two_buffers else args.buffer_size
-    rb = ReplayBuffer(capacity, replay_fields(obs_dim, act_dim), device, seed=args.seed)
-    rb_guide = None
-    if two_buffers:
-        rb_guide = ReplayBuffer(capacity, replay_fields(obs_dim, act_dim), device, seed=args.seed + 1)
+    rb = DeviceReplay(capacity, replay_fields(obs_dim, act_dim), device)
+    rb_guide = DeviceReplay(capacity, replay_fields(obs_dim, act_dim), device) if two_buffers else None
     n_guide_batch = int(round(args.guide_batch_fraction * args.batch_size))
     eval_env = make_target_env(args.env_id, args.seed + 10_000)
 
+    act = maybe_compile(behaviour_policy, use_compile)
+    next_guide_gaussian = maybe_compile(guide_gaussian, use_compile)
     rng = np.random.default_rng(args.seed)
-    guide_acts = np.zeros(envs.num_envs, dtype=bool)  # who acts at the next step, per env (True = guide)
+    guide_acts = np.zeros(n, dtype=bool)  # who acts at the next step, per env (True = guide)
+    ld_stepwise, ld_draw = np.ones(n, dtype=bool), np.zeros(n)  # linear-decay "mixed": per-episode mode, draw
     if sampling == "linear-decay":
-        guide_acts = rng.random(envs.num_envs) < 1.0
+        guide_acts[:] = True  # P(guide) = 1 at the start
     random_steps = args.random_steps if guide is None else 0  # SaGui students never act at random (authors' code)
-    steps_by_guide, window_steps, losses = 0, 0, {}
+    steps_by_guide, window_steps, out, recent_costs = 0, 0, {}, []
+    episode_costs = [[] for _ in range(n)]
     obs, _ = envs.reset(seed=args.seed)
     envs.single_action_space.seed(args.seed)
     logger.restart_clock(0, args.total_timesteps)  # SPS and ETA of the student phase only
     start_time = logger.start_time
-    for global_step in range(1, args.total_timesteps + 1):
-        # composite sampling: who acts is decided per env in guide_acts
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+    for global_step in range(n, args.total_timesteps + 1, n):
         with torch.no_grad():
-            if global_step <= random_steps:
-                actions = torch.as_tensor(np.stack([envs.single_action_space.sample() for _ in range(envs.num_envs)]),
-                                          dtype=torch.float32, device=device)
-            else:
-                actions, _ = student.actor.sample(obs_t)
-            rho = torch.ones(envs.num_envs, device=device)
-            logp_guide = torch.zeros(envs.num_envs, device=device)
-            if guide is not None:
-                g_actions, _ = guide.sample(obs_t[:, xi_index_t])
-                gi = torch.as_tensor(guide_acts, device=device)
-                actions = torch.where(gi[:, None], g_actions, actions)
-                logp_guide = guide.log_prob(obs_t[:, xi_index_t], actions)
-                rho_guide = importance_weight(student.actor.log_prob(obs_t, actions), logp_guide,
-                                              args.is_clip_low, args.is_clip_high)
-                rho = torch.where(gi, rho_guide, rho)
-        packed = torch.cat([actions, rho[:, None], logp_guide[:, None]], 1).cpu().numpy()  # one device->host copy
+            packed = act(student.actor, guide, xi_index_t, torch.as_tensor(obs, dtype=torch.float32, device=device),
+                         torch.as_tensor(guide_acts, device=device), args.is_clip_low, args.is_clip_high).cpu().numpy()
         actions_np, rho_np, logp_guide_np = packed[:, :act_dim], packed[:, act_dim], packed[:, act_dim + 1]
+        g_mean_np, g_std_np = packed[:, act_dim + 2: 2 * act_dim + 2], packed[:, 2 * act_dim + 2:]
+        if global_step <= random_steps:  # the SAC-Lag baseline's uniform random start (no guide)
+            actions_np = np.stack([envs.single_action_space.sample() for _ in range(n)]).astype(np.float32)
         next_obs, rewards, costs, terminations, truncations, infos = envs.step(actions_np)
         logger.log_costs(global_step, costs)  # the behaviour policy's cost (paper Fig. 6)
-        for _, ep in finished_episodes(infos):
+        for i in range(n):
+            episode_costs[i].append(costs[i])
+        for i, ep in finished_episodes(infos):
             logger.log_episode(global_step, ep["r"], ep["c"], ep["l"])
+            logger.scalar("charts/discounted_cost_to_go", discounted_cost_to_go(np.array(episode_costs[i]),
+                                                                                 args.gamma), global_step)
+            recent_costs.append(ep["c"])
         steps_by_guide += int(guide_acts.sum())
-        window_steps += envs.num_envs
+        window_steps += n
 
-        row = dict(obs=obs, action=actions_np, next_obs=real_next_obs(next_obs, truncations, terminations, infos),
-                   reward=rewards, cost=costs, done=terminations, rho=rho_np, logp_guide=logp_guide_np)
+        final_obs = real_next_obs(next_obs, truncations, terminations, infos)
+        with torch.no_grad():
+            g_next = next_guide_gaussian(guide, xi_index_t, torch.as_tensor(final_obs, dtype=torch.float32,
+                                                                             device=device), act_dim).cpu().numpy()
+        row = dict(obs=obs, action=actions_np, next_obs=final_obs, reward=rewards, cost=costs, done=terminations,
+                   rho=rho_np, logp_guide=logp_guide_np, guide_mean=g_mean_np, guide_std=g_std_np,
+                   guide_next_mean=g_next[:, :act_dim], guide_next_std=g_next[:, act_dim:])
         if two_buffers:  # separate student and guide buffers
             for buffer, mask in ((rb, ~guide_acts), (rb_guide, guide_acts)):
                 if mask.any():
@@ -677,48 +881,70 @@ if __name__ == "__main__":
 
         # who acts next
         episode_over = np.logical_or(terminations, truncations)
+        for i in np.flatnonzero(episode_over):
+            episode_costs[i] = []
         if sampling == "control-switch":
             guide_acts = control_switch(guide_acts, costs, episode_over)
         elif sampling == "linear-decay":
             p_guide = linear_decay(global_step, args.total_timesteps)
-            draw = rng.random(envs.num_envs) < p_guide
-            guide_acts = draw if args.ld_mode == "step" else np.where(episode_over, draw, guide_acts)
+            if args.ld_mode == "step":  # a draw at every step
+                guide_acts = rng.random(n) < p_guide
+            elif args.ld_mode == "trajectory":  # one draw per episode, kept until it ends
+                guide_acts = np.where(episode_over, rng.random(n) < p_guide, guide_acts)
+            else:  # "mixed", the authors' code: a new episode is step-wise with probability P(guide), else it
+                # draws one threshold u and the guide acts while P(guide) > u
+                ld_stepwise = np.where(episode_over, rng.random(n) < p_guide, ld_stepwise)
+                ld_draw = np.where(episode_over, rng.random(n), ld_draw)
+                guide_acts = np.where(ld_stepwise, rng.random(n) < p_guide, ld_draw < p_guide)
 
+        if args.beta_update == "episodic" and recent_costs and global_step % args.update_every == 0:
+            student.update_beta_from_episodes(float(np.mean(recent_costs)))
+            recent_costs = []
         # updates: 75/25 student/guide minibatches for control-switch
-        if global_step >= args.learning_starts and global_step % args.update_every == 0:
-            beta_now = student.beta
-            omega = kl_weight(beta_now, variant, args.fixed_omega) if guide is not None else 0.0
+        guide_share = two_buffers and n_guide_batch > 0 and len(rb_guide) >= args.batch_size
+        can_update = not (two_buffers and args.cs_wait_for_both_buffers and not
+                          (guide_share and len(rb) >= args.batch_size))
+        if global_step >= args.learning_starts and global_step % args.update_every == 0 and can_update:
             for _ in range(args.update_every):
-                if two_buffers and len(rb_guide) > 0 and n_guide_batch > 0:
+                if guide_share:
                     b_s, b_g = rb.sample(args.batch_size - n_guide_batch), rb_guide.sample(n_guide_batch)
                     batch = {k: torch.cat([b_s[k], b_g[k]]) for k in b_s}
-                elif len(rb) > 0:
-                    batch = rb.sample(args.batch_size)
                 else:
-                    batch = rb_guide.sample(args.batch_size)
-                losses = student.update(batch, omega, guide, xi_index_t, variant)
-            check_finite("student losses", *losses.values())
-            losses["importance_weight_mean"] = batch["rho"].mean()
+                    batch = (rb if len(rb) > 0 else rb_guide).sample(args.batch_size)
+                out = update(batch)
+            check_finite("student losses", *out.values())
 
         if global_step % args.log_every == 0:
             for k in ("qr_loss", "qc_loss", "actor_loss", "alpha_loss", "beta_loss", "qc_values"):
-                if k in losses:
-                    logger.scalar(f"losses/{k}", losses[k], global_step)
+                if k in out:
+                    logger.scalar(f"losses/{k}", out[k], global_step)
             beta_now = student.beta
             logger.scalar("charts/lagrange_multiplier", beta_now, global_step)
             logger.scalar("charts/alpha", student.alpha, global_step)
+            logger.scalar("charts/cost_target_d_bar", student.d_bar, global_step)
+            if out:  # what beta's update compared with d_bar at the last gradient step
+                logger.scalar("charts/cost_critic_estimate", out["qc_pi"], global_step)
+            omega_now = float(out["omega"]) if out else 0.0
             if guide is not None:
-                logger.scalar("charts/omega", kl_weight(beta_now, variant, args.fixed_omega), global_step)
+                logger.scalar("charts/omega", omega_now, global_step)  # the omega applied at the last gradient step
                 logger.scalar("charts/guide_acted_fraction", steps_by_guide / max(window_steps, 1), global_step)
                 if sampling == "linear-decay":
-                    p_guide = linear_decay(global_step, args.total_timesteps)
-                    logger.scalar("charts/guide_probability", p_guide, global_step)
-                if "importance_weight_mean" in losses:
-                    logger.scalar("charts/importance_weight_mean", losses["importance_weight_mean"], global_step)
+                    logger.scalar("charts/guide_probability", linear_decay(global_step, args.total_timesteps),
+                                  global_step)
+                if out:
+                    logger.scalar("charts/importance_weight_mean", out["importance_weight_mean"], global_step)
+                    logger.scalar("charts/kl_to_guide", out["kl"], global_step)
+                if two_buffers and out:
+                    with torch.no_grad():  # the cost critic on each buffer's states: where is beta's signal?
+                        for name, buffer in (("student", rb), ("guide", rb_guide)):
+                            if len(buffer):
+                                b = buffer.sample(args.batch_size)
+                                qc_est = student.qc(b["obs"], student.actor.sample(b["obs"])[0]).mean()
+                                logger.scalar(f"charts/cost_critic_estimate_{name}_buffer", qc_est, global_step)
             steps_by_guide, window_steps = 0, 0
-            logger.console(global_step, f"beta={beta_now:.3f} alpha={student.alpha:.3f}")
+            logger.console(global_step, f"beta={beta_now:.3f} omega={omega_now:.3f} alpha={student.alpha:.3f}")
 
-        if global_step % args.eval_every == 0 or global_step == args.total_timesteps:
+        if global_step % args.eval_every == 0 or global_step + n > args.total_timesteps:
             results = evaluate(student.actor, eval_env, args.eval_episodes, args.seed + 10_000, device)
             for ret, cost in results:  # the student's own cost (paper Fig. 8)
                 logger.log_episode(global_step, ret, cost, 0, prefix="eval")
@@ -726,9 +952,7 @@ if __name__ == "__main__":
                   f"cost={np.mean([c for _, c in results]):.2f}", flush=True)
 
     if args.save_model:
-        torch.save({"actor": student.actor.state_dict(), "qr1": student.qr1.state_dict(),
-                    "qr2": student.qr2.state_dict(), "qc": student.qc.state_dict(), "args": vars(args)},
-                   os.path.join(logger.run_dir, "student.pt"))
+        torch.save({**student.state_dict(), "args": vars(args)}, os.path.join(logger.run_dir, "student.pt"))
     print(f"done in {time.time() - start_time:.0f}s; run directory {logger.run_dir}", flush=True)
     envs.close()
     logger.close()
