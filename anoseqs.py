@@ -102,7 +102,7 @@ class Args:
     source_timesteps: int = 200_000
     """environment steps of the source agent (stage 1)"""
     total_timesteps: int = 500_000
-    """environment steps of the target agent (stage 3)"""
+    """environment steps of the target agent (stage 3 only: with --stage all, stage 1 first runs --source-timesteps)"""
     num_envs: int = 1
     """parallel environments (the detector scores all of them in one batch)"""
 
@@ -1005,6 +1005,10 @@ if __name__ == "__main__":
     stages = (["1", "2", "3"] if args.stage == "all" else [args.stage]) if uses_detector else ["3"]
     if not uses_detector and args.stage == "all":
         print(f"--method {args.method}: a baseline without detector; stages 1 and 2 are skipped", flush=True)
+    plan = {"1": f"stage 1: TD3 in {source_env_id} for {args.source_timesteps} steps (--source-timesteps)",
+            "2": "stage 2: the detector on stage 1's safe windows",
+            "3": f"stage 3: {args.method} in {env_id} for {args.total_timesteps} steps (--total-timesteps)"}
+    print("plan: " + "; then ".join(plan[s] for s in stages), flush=True)  # each stage's budget, before any runs
     if args.source_run:
         logger.writer.add_text("source_run", args.source_run)
 

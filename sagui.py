@@ -111,7 +111,8 @@ class Args:
     """target task: SafetyPointGoal1 (the paper's Dynamic), SafetyPointSaguiStatic, SafetyCarSaguiSemiDynamic,
     or another Safety-Gymnasium Goal/Push id (state observations with a goal part)"""
     total_timesteps: int = 4_500_000
-    """student (target task) environment steps (paper: Static 1.5M, Semi-Dynamic 3M, Dynamic 4.5M)"""
+    """student (target task) environment steps only (paper: Static 1.5M, Semi-Dynamic 3M, Dynamic 4.5M); the guide
+    phase first runs --guide-total-timesteps of its own unless --guide-path reuses a saved guide"""
     guide_total_timesteps: int = 9_000_000
     """guide (source task) environment steps (authors' code default; not in the paper)"""
     guide_path: Optional[str] = None
@@ -734,6 +735,16 @@ if __name__ == "__main__":
     # ============================================================================================
     # Phase 1: the guide, reward-free with eq. 4, in the source task
     # ============================================================================================
+    if not args.use_guide:
+        plan = [f"SAC-Lagrangian from scratch: {args.total_timesteps} steps in {args.env_id} (--total-timesteps)"]
+    else:
+        plan = [f"guide: loaded from {args.guide_path}" if args.guide_path is not None else
+                f"guide: {args.guide_total_timesteps} steps, reward-free, in the source task (--guide-total-timesteps;"
+                f" --guide-path reuses a saved guide)"]
+        if not args.guide_only:
+            plan.append(f"student: {args.total_timesteps} steps in {args.env_id} with {args.sampling} sampling "
+                        f"(--total-timesteps)")
+    print("plan: " + "; then ".join(plan), flush=True)  # each phase's budget, before any of them runs
     guide = None
     if args.use_guide and args.guide_path is not None:
         guide = load_guide(args.guide_path, args.env_id, kept_keys, len(xi_index), act_dim, action_space, device)

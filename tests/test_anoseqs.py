@@ -520,6 +520,10 @@ def test_smoke_pipeline_all_stages(pipeline):
     for name in ("source_data.npz", "detector.pt", "anoseqs.cleanrl_model"):
         assert (run / name).is_file(), name
     assert "ROC AUC on held-out episodes" in proc.stdout and "stage 3: anoseqs in the target" in proc.stdout
+    # the plan, first: every stage with its budget, so --total-timesteps 1000 does not hide stage 1's own budget
+    plan = proc.stdout.index("plan: stage 1: TD3 in SafetyPointCircle1-v0 for 1000 steps (--source-timesteps)")
+    assert plan < proc.stdout.index("\nstage 1: TD3")  # before stage 1 starts
+    assert "then stage 3: anoseqs in SafetyPointCircle1-v0 for 1000 steps (--total-timesteps)" in proc.stdout
     # charts/cost_rate is written once per console line (every 400 steps and at the end), not at every env step
     assert [s for s, _ in scalars["charts/cost_rate"]] == [400, 800, 1000]
     assert [s for s, _ in scalars["source/charts/cost_rate"]] == [400, 800, 1000]

@@ -361,7 +361,10 @@ def _one_thread(monkeypatch):
 def guide_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("sagui_both")
     os.environ["OMP_NUM_THREADS"] = "1"  # module-scoped: monkeypatch is not available here
-    run_script("sagui.py", "--guide-total-timesteps", "1100", "--save-model", *TINY, cwd=cwd)
+    proc = run_script("sagui.py", "--guide-total-timesteps", "1100", "--save-model", *TINY, cwd=cwd)
+    # the plan first: the guide phase's own budget is announced, --total-timesteps bounds only the student
+    assert ("plan: guide: 1100 steps, reward-free, in the source task (--guide-total-timesteps; --guide-path reuses "
+            "a saved guide); then student: 1100 steps in SafetyPointGoal1 with control-switch sampling") in proc.stdout
     (run_dir,) = run_dirs(cwd)
     return run_dir
 
