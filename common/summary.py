@@ -1,4 +1,4 @@
-"""`runs/<run>/summary.json`: what a finished run reports, for sweeps and plots (benchmarks/sweep.py, plot.py).
+"""`runs/<run>/summary.json`: what a finished run reports, so that runs of many seeds and methods can be compared.
 
     write_summary(logger.run_dir, args, script="actsafe", start_time=t0, eval_return=..., eval_cost=...,
                   train_cost=..., violations=..., cost_rate=logger.cost_rate, sps=...)
