@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,19 +34,9 @@ import actsafe  # noqa: E402
 from actsafe import ActorCritic, Args, WorldModel, safety_budget  # noqa: E402
 from common import make_vector_env  # noqa: E402
 from common.capture import CudaGraphUpdate  # noqa: E402
+from timing import fake_batch, kernels_and_busy, machine, time_calls  # noqa: E402
 
 
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ", no GPU"
-    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return (f"{os.cpu_count()} CPU cores ({cpu}){gpu}{load}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch threads")
 
 
 def build(args: Args, device: torch.device, capturable: bool):
@@ -67,11 +55,6 @@ def build(args: Args, device: torch.device, capturable: bool):
     return wm, acs, model_opt, actor_opts, critic_opts, states
 
 
-def fake_batch(args: Args, device) -> dict:
-    b, t = args.batch_size, args.sequence_length
-    return {"obs": torch.randint(0, 256, (b, t, 3, 64, 64), dtype=torch.uint8, device=device),
-            "action": torch.rand(b, t, 2, device=device) * 2 - 1,
-            "reward": torch.randn(b, t, device=device), "cost": (torch.rand(b, t, device=device) < 0.1).float()}
 
 
 def updates(args: Args, device: torch.device, capturable: bool) -> dict:
@@ -96,46 +79,10 @@ def updates(args: Args, device: torch.device, capturable: bool) -> dict:
             "task actor-critic": one_ac("task"), "full update (expansion phase)": full}
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
-def time_calls(fn, batch, device, repeats: int) -> tuple[float, float]:
-    """(seconds of the first call, median seconds of `repeats` further calls)."""
-    sync(device)
-    t0 = time.perf_counter()
-    fn(batch)
-    sync(device)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn(batch)
-        for v in out.values():  # read the results, as the script does once per round
-            v.detach()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return first, float(np.median(times))
 
 
-def kernels_and_busy(fn, batch, device) -> tuple[int, float | None]:
-    """Kernels (CUDA) or operator calls (CPU) of one call, and on CUDA the GPU's busy share of its wall time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync(device)
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        fn(batch)
-        sync(device)
-        wall = time.perf_counter() - t0
-    events = prof.events()
-    if device.type == "cuda":
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy = sum(e.device_time for e in kernels) / 1e6 / wall  # device_time in microseconds
-        return len(kernels), busy
-    return sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None), None
 
 
 def env_speed(num_envs: int, steps: int, asynchronous: bool) -> float:
