@@ -32,7 +32,7 @@ Paper -> code:
 - eq. 7 (safety-bias transfer)          -> `bias_transfer()`, `transfer_sources()`, `Safeguard.ancestors()`
 - the progression (Algorithm 1)         -> `Progression`: a fixed budget per safeguard, or earlier once the values of
                                            the product states the safeguard adds have settled
-- Lipton et al. 2016 intrinsic fear     -> `FearTable` (tabular), `FearNet` (pixels)
+- Lipton et al. 2016 intrinsic fear     -> `FearTable` (tabular), `FearNet` and `label_fear_frames` (pixels)
 - def. 13 (probability of staying safe) -> `safety_probability()`: exact, on the gridworld's product MDP
 - Algorithm 1 (PSL with a learner)      -> `run_gridworld()` / `run_vizdoom()`
 
@@ -776,6 +776,24 @@ class FearNet(nn.Module):
         return self.net(frames.float() / 255.0).squeeze(-1)
 
 
+def label_fear_frames(recent: deque, frame: np.ndarray, done: bool, violation: bool, fear_radius: int,
+                      danger_mem: deque, safe_mem: deque) -> None:  # fmt: skip
+    """Intrinsic fear's labels (Lipton et al. 2016) for one env after one step. `recent` holds the frames not yet
+    labelled (at most k_r = fear_radius of them); `frame` is the frame the step reached, `violation` the common
+    metric on that step (the dying step's included). A violation makes the frames of the k_r steps before it and
+    its own frame dangerous (within k_r steps of a catastrophe); a frame with k_r steps and no violation after it
+    is safe, and so are the frames left at the end of an episode without a violation. Labelled frames leave
+    `recent`, so later frames of a long violation (standing in lava) are labelled by their own step. At `done`
+    `frame` is already the next episode's first frame: it is not kept (the dying frame itself is not seen)."""
+    if not done:
+        recent.append(frame.copy())  # a copy: obs is a view of the frame stack
+    if violation:  # a catastrophe: the frames of the k_r steps up to it are dangerous
+        danger_mem.extend(recent)
+        recent.clear()
+    while len(recent) > fear_radius or (done and recent):
+        safe_mem.append(recent.popleft())  # no catastrophe within k_r steps after it
+
+
 def onehot(states: list[str], space: ProductSpace, product: bool, device) -> torch.Tensor:
     """The safeguard state as a one-hot beside the CNN features (all zeros for the MDP-state agents)."""
     out = torch.zeros((len(states), len(space.names)), device=device)
@@ -896,13 +914,8 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
                 with torch.no_grad():
                     reward = reward - lam * torch.sigmoid(fear_net(frames)).cpu().numpy() * ~done
                 for i in range(n):
-                    if not done[i]:
-                        recent[i].append(obs[i, -3:].copy())
-                    if checks[i].any():  # a catastrophe: the frames of the k_r steps up to it are dangerous
-                        danger_mem.extend(recent[i])
-                        recent[i].clear()
-                    while len(recent[i]) > args.fear_radius or (done[i] and recent[i]):
-                        safe_mem.append(recent[i].popleft())  # no catastrophe within k_r steps after it
+                    label_fear_frames(recent[i], obs[i, -3:], done[i], checks[i].any(), args.fear_radius,
+                                      danger_mem, safe_mem)  # fmt: skip
             violation_steps += int(checks.sum())
             sg_violations += int(sg_violated.sum())
             logger.log_costs(global_step, checks.any(1))

@@ -227,6 +227,30 @@ def test_fear_table_is_danger_frequency():
     np.testing.assert_allclose(fear((np.array([0, 1]),)), [0.75, 0.0])
 
 
+def test_vizdoom_fear_labels_on_a_hand_worked_sequence():
+    """k_r = 2. Episode 1: f1..f4 safe play, f5 and f6 in lava (a violation each, playing on: unguarded), f7, f8,
+    then a death in lava (a violation on the dying step; its frame is the next episode's first, not kept).
+    Episode 2: f10, f11, then a timeout without a violation. By hand: f1 and f2 have k_r = 2 violation-free steps
+    after them -> safe; f3, f4 are within 2 steps of f5's violation and f5 is one -> danger; f6 is a violation of
+    its own (it does not age into the safe memory) -> danger; f7, f8 precede the dying step -> danger; f10, f11
+    end an episode without a violation -> safe."""
+    from collections import deque
+
+    steps = [(1, False, False), (2, False, False), (3, False, False), (4, False, False), (5, True, False),
+             (6, True, False), (7, False, False), (8, False, False), (9, True, True),  # 9: next episode's frame
+             (10, False, False), (11, False, False), (12, False, True)]  # fmt: skip
+    recent, danger, safe = deque(), deque(), deque()
+    held = []  # after each step: the frames still waiting for a label
+    for t, violation, done in steps:
+        frame = np.full((3, 2, 2), t, dtype=np.uint8)
+        psl.label_fear_frames(recent, frame, done, violation, 2, danger, safe)
+        frame[:] = 0  # the env overwrites its buffer: the labelled frames must be copies
+        held.append([int(f[0, 0, 0]) for f in recent])
+    assert [int(f[0, 0, 0]) for f in danger] == [3, 4, 5, 6, 7, 8]
+    assert [int(f[0, 0, 0]) for f in safe] == [1, 2, 10, 11]
+    assert held == [[1], [1, 2], [2, 3], [3, 4], [], [], [7], [7, 8], [], [10], [10, 11], []]
+
+
 def test_policy_table_falls_back_to_the_initial_state_as_the_authors_test():
     Q = np.zeros((3, 10, 10, 5))
     visited = np.zeros(Q.shape[:3], dtype=bool)
