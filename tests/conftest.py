@@ -12,6 +12,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The longest test files first (measured with --durations): pytest-xdist (--dist loadfile, pytest.ini) hands out
+# whole files in collection order, and a long file handed out last runs alone on one core at the end.
+LONGEST_FIRST = ("test_actsafe.py", "test_sagui.py", "test_latent_barrier.py", "test_anoseqs.py", "test_envs.py",
+                 "test_psl.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
 
 def run_script(script: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python <repo>/<script> <args>` in `cwd` on the CPU; fail the test with its output if it fails."""
