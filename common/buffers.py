@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from common.checkpoint import pack_array, unpack_array
+
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array as a tensor on `device`; to a GPU through pinned memory, without waiting for the device."""
@@ -58,6 +60,21 @@ class ReplayBuffer:
         if indices is None:
             indices = self.rng.integers(0, self.size, size=batch_size)
         return {k: to_device(v[indices], self.device) for k, v in self.data.items()}
+
+    def state_dict(self) -> dict:
+        """The stored rows (zlib-compressed), position, size and sampling RNG, for a checkpoint."""
+        return {"data": {k: pack_array(v[: self.size]) for k, v in self.data.items()}, "pos": self.pos,
+                "size": self.size, "capacity": self.capacity, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["capacity"] != self.capacity or set(state["data"]) != set(self.data):
+            raise SystemExit(f"error: the checkpoint's replay buffer (capacity {state['capacity']}, fields "
+                             f"{sorted(state['data'])}) does not fit this run's (capacity {self.capacity}, fields "
+                             f"{sorted(self.data)})")
+        for k, packed in state["data"].items():
+            self.data[k][: state["size"]] = unpack_array(packed)
+        self.pos, self.size = state["pos"], state["size"]
+        self.rng.bit_generator.state = state["rng"]
 
 
 class EpisodeBuffer:
@@ -111,3 +128,15 @@ class EpisodeBuffer:
             for k in self.episodes[0]
         }
         return {k: to_device(v, self.device) for k, v in batch.items()}
+
+    def state_dict(self) -> dict:
+        """The stored episodes (zlib-compressed: uint8 frames shrink several times) and the sampling RNG. Episodes
+        still open are left out: a resumed run resets its environments and starts new ones."""
+        return {"episodes": [{k: pack_array(v) for k, v in e.items()} for e in self.episodes],
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.episodes, self.open, self.num_steps = [], {}, 0
+        for packed in state["episodes"]:
+            self.add_episode({k: unpack_array(v).copy() for k, v in packed.items()})
+        self.rng.bit_generator.state = state["rng"]

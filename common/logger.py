@@ -42,9 +42,10 @@ class Logger:
                  total_steps: int | None = None, resume_step: int | None = None):
         self.run_dir = os.path.join(root, run_name)
         os.makedirs(self.run_dir, exist_ok=True)
-        # resuming: TensorBoard drops what the interrupted writer logged at steps >= resume_step (they are redone),
-        # so the curves continue without a doubled stretch
-        self.writer = SummaryWriter(self.run_dir, purge_step=resume_step)
+        # resuming from a checkpoint written at the end of step `resume_step` (after that step's logging):
+        # TensorBoard drops what the interrupted writer logged after it (those steps are redone), so the curves
+        # continue without a doubled stretch
+        self.writer = SummaryWriter(self.run_dir, purge_step=None if resume_step is None else resume_step + 1)
         if args is not None and resume_step is None:
             params = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
             table = "\n".join(f"|{k}|{v}|" for k, v in params.items())

@@ -1,6 +1,7 @@
 """common/checkpoint.py: atomic, verified checkpoints; foreign ones refused; RNG states; compressed arrays; the
 logger's resume (same run directory, the curves continue, the cost rate too)."""
 
+import dataclasses
 import os
 import random
 
@@ -8,8 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from common.buffers import EpisodeBuffer, ReplayBuffer
 from common.checkpoint import (
+    Checkpointer,
     load_checkpoint,
+    resume_run,
     pack_array,
     rng_state,
     save_checkpoint,
@@ -103,5 +107,75 @@ def test_logger_resume_continues_the_same_curves(tmp_path):
     resumed.console(300)
     resumed.close()
     scalars = read_scalars(tmp_path / "run")
-    assert sorted(scalars["losses/x"]) == [(100, 100.0), (300, -300.0)]  # the first writer's 200 and 300 purged
+    # the checkpoint was written after step 200's logging: the first writer's 300 is purged, its 100 and 200 kept
+    assert sorted(scalars["losses/x"]) == [(100, 100.0), (200, 200.0), (300, -300.0)]
     assert scalars["charts/cost_rate"][-1] == (300, pytest.approx(3 / 8))  # counts continued: 3 costly of 8 steps
+
+
+@dataclasses.dataclass
+class TinyArgs:
+    env_id: str = "SafetyPointGoal1"
+    seed: int = 1
+    hidden: int = 64
+    total_timesteps: int = 1000
+    checkpoint_every: int = 0
+    resume: str | None = None
+
+
+def test_resume_run_takes_the_runs_flags_and_refuses_conflicting_ones(tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "a"
+    run_dir.mkdir(parents=True)
+    started = TinyArgs(env_id="SafetyCarGoal1", seed=3, checkpoint_every=500)
+    ckpt = Checkpointer(str(run_dir), started.checkpoint_every, {"script": "actsafe", "env_id": started.env_id})
+    assert not ckpt.due(499) and ckpt.due(500)
+    ckpt.save(500, {"net": torch.zeros(2)}, started)
+    assert not ckpt.due(999) and ckpt.due(1000)
+    assert "checkpoint: step 500" in capsys.readouterr().out
+    # --resume alone: the run's flags (not the defaults)
+    args, resumed = resume_run(TinyArgs(resume=str(run_dir)), "actsafe")
+    assert (args.env_id, args.seed, args.checkpoint_every, args.resume) == ("SafetyCarGoal1", 3, 500, str(run_dir))
+    assert resumed["state"]["step"] == 500 and resumed["identity"]["env_id"] == "SafetyCarGoal1"
+    assert "rng" in resumed["state"] and resumed["state"]["args"]["seed"] == 3
+    # a longer run may be asked for; another seed or size may not
+    args, _ = resume_run(TinyArgs(resume=str(run_dir), total_timesteps=5000), "actsafe")
+    assert args.total_timesteps == 5000 and args.seed == 3
+    with pytest.raises(SystemExit, match=r"--seed: the run has 3, given 7.*--hidden: the run has 64, given 32|"
+                                         r"--hidden: the run has 64, given 32"):
+        resume_run(TinyArgs(resume=str(run_dir), seed=7, hidden=32), "actsafe")
+    with pytest.raises(SystemExit, match="written by actsafe.py, not by sagui.py"):
+        resume_run(TinyArgs(resume=str(run_dir)), "sagui")
+    with pytest.raises(SystemExit, match="no such run directory"):
+        resume_run(TinyArgs(resume=str(tmp_path / "runs" / "missing")), "actsafe")
+    (tmp_path / "runs" / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no checkpoint.pt in it"):
+        resume_run(TinyArgs(resume=str(tmp_path / "runs" / "empty")), "actsafe")
+    assert resume_run(TinyArgs(), "actsafe") == (TinyArgs(), None)
+    with pytest.raises(SystemExit, match="--checkpoint-every must be 0"):
+        Checkpointer(str(run_dir), -1, {})
+    # a resumed run at step 500 with a checkpoint every 300 saves next at 600
+    assert Checkpointer(str(run_dir), 300, {}, start_step=500).next == 600
+
+
+def test_buffers_round_trip_through_a_checkpoint(tmp_path):
+    fields = {"obs": ((3, 8, 8), np.uint8), "reward": ((), np.float32)}
+    buffer = ReplayBuffer(10, fields, seed=0)
+    for i in range(13):  # wraps around
+        buffer.add(obs=np.full((1, 3, 8, 8), i, np.uint8), reward=np.array([i], np.float32))
+    save_checkpoint(tmp_path / "c.pt", {"buffer": buffer.state_dict()}, IDENTITY)
+    restored = ReplayBuffer(10, fields, seed=99)
+    restored.load_state_dict(load_checkpoint(tmp_path / "c.pt", IDENTITY)["buffer"])
+    assert (restored.pos, restored.size) == (buffer.pos, buffer.size) == (3, 10)
+    a, b = buffer.sample(5), restored.sample(5)  # same rows and the same sampling RNG
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="does not fit"):
+        ReplayBuffer(20, fields).load_state_dict(buffer.state_dict())
+
+    episodes = EpisodeBuffer(100, seed=0)
+    for t in range(12):
+        episodes.add({"obs": np.full((3, 8, 8), t, np.uint8), "reward": np.float32(t)}, t % 2, done=t in (8, 9))
+    episodes.add({"obs": np.zeros((3, 8, 8), np.uint8), "reward": np.float32(0)}, 0)  # an open episode: left out
+    copy = EpisodeBuffer(100, seed=5)
+    copy.load_state_dict(episodes.state_dict())
+    assert len(copy) == len(episodes) == 10 and copy.open == {}
+    a, b = episodes.sample(4, 3), copy.sample(4, 3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
