@@ -35,6 +35,21 @@ def run_script(script: str, *args: str, cwd: Path, timeout: int = 600) -> subpro
     return proc
 
 
+def run_until_killed(script: str, *args: str, cwd: Path, after: int = 1, timeout: int = 600) -> Path:
+    """Run a script that the OS kills (SIGKILL, as an OOM killer or a preempted job would) right after its `after`-th
+    checkpoint (common/checkpoint.py's SAFERL_KILL_AFTER_CHECKPOINT); return the run directory it leaves behind."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", SAFERL_KILL_AFTER_CHECKPOINT=str(after))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != -9:
+        pytest.fail(f"{script} {' '.join(args)} was to be killed after checkpoint {after} but exited "
+                    f"{proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    dirs = [d for d in run_dirs(cwd) if (d / "checkpoint.pt").exists()]
+    assert len(dirs) == 1, f"expected one run directory with a checkpoint under {cwd / 'runs'}, found {dirs}"
+    return dirs[0]
+
+
 def run_dirs(cwd: Path) -> list[Path]:
     """The run directories a script created under `cwd/runs/`."""
     return sorted(Path(p) for p in glob.glob(str(cwd / "runs" / "*")) if os.path.isdir(p))

@@ -39,9 +39,15 @@ def test_write_summary_is_complete_and_atomic(tmp_path):
         env_id: str = "SafetyPointGoal1"
         seed: int = 3
 
-    path = write_summary(str(tmp_path), Args(), script="actsafe", start_time=0.0, eval_return=1.5, eval_cost=2.0)
+    metrics = dict(env_id="SafetyPointGoal1-v0", total_steps=1000, eval_return=1.5, eval_cost=2.0, train_cost=3.0,
+                   train_episodes=4, train_violating_episodes=1, cost_limit=25.0, cost_rate=0.1, sps=50)
+    path = write_summary(str(tmp_path), Args(), script="actsafe", start_time=0.0, **metrics)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert path == str(tmp_path / "summary.json") and not (tmp_path / "summary.json.tmp").exists()
     assert summary["script"] == "actsafe" and summary["eval_return"] == 1.5 and summary["eval_cost"] == 2.0
+    assert summary["seed"] == 3 and summary["method"] == "actsafe"  # no exp_name: the script's name
+    with pytest.raises(ValueError, match="missing \\['train_violating_episodes'\\]"):
+        write_summary(str(tmp_path), Args(), script="actsafe", start_time=0.0,
+                      **{k: v for k, v in metrics.items() if k != "train_violating_episodes"})
     assert summary["args"] == {"env_id": "SafetyPointGoal1", "seed": 3} and summary["wall_time_s"] > 0
     assert summary["git_commit"] is None or len(summary["git_commit"]) == 40
