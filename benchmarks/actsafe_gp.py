@@ -35,7 +35,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 from conftest import read_scalars, run_dirs  # noqa: E402
+from plot import fmt_interval, interval_estimates, plot_band  # noqa: E402  (benchmarks/plot.py)
 
 METHODS = {"actsafe": [], "unconstrained": ["--gp-lambda", "0"], "mean": ["--gp-beta", "0"]}
 BASE = ["--dynamics", "gp", "--env-id", "SafePendulum", "--eval-episodes", "0"]
@@ -124,7 +126,7 @@ def cpu_minutes(runs: list[dict]) -> str:
 
 def table(results: list[dict], expansion: int) -> str:
     lines = ["| method | seeds | episodes with a violation | violating env steps (total) | max \\|speed\\| (rad/s) | "
-             "return, expansion episodes | return, task episodes | time upright, task episodes | CPU min / run |",
+             "return, expansion episodes | return, task episodes: mean; IQM [95% CI] | time upright, task episodes | CPU min / run |",
              "|---|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
         rs = [r for r in results if r["method"] == method]
@@ -136,7 +138,8 @@ def table(results: list[dict], expansion: int) -> str:
         speed = np.array([r["max_speed"] for r in rs])
         task_ret = ret[:, expansion:].mean(1)
         lines.append(f"| {method} | {len(rs)} | {(viol > 0).sum()}/{viol.size} | {int(viol.sum())} | "
-                     f"{speed.max():.2f} | {ret[:, :expansion].mean():.0f} | {task_ret.mean():.0f} "
+                     f"{speed.max():.2f} | {ret[:, :expansion].mean():.0f} | {task_ret.mean():.0f}; IQM "
+                     f"{fmt_interval(interval_estimates({'r': task_ret}, reps=5000)['r'])} "
                      f"(per seed {', '.join(f'{x:.0f}' for x in task_ret)}) | {100 * up[:, expansion:].mean():.0f}% | "
                      f"{cpu_minutes(rs)} |")
     return "\n".join(lines)
@@ -158,8 +161,8 @@ def plot(results: list[dict], reference: list[dict], expansion: int, limit: floa
             values = np.array([r[key] for r in rs])
             episodes = np.arange(1, values.shape[1] + 1)
             for v in values:
-                ax.plot(episodes, v, color=color, alpha=0.25, lw=1)
-            ax.plot(episodes, values.mean(0), color=color, lw=2, marker="o", label=f"{method} (mean of {len(rs)})")
+                ax.plot(episodes, v, color=color, alpha=0.15, lw=1)
+            plot_band(ax, episodes, values, label=method, color=color, lw=2, marker="o")  # IQM and its 95% CI
     safe_ref = [r["return"] for r in reference if r["lambda"] > 0 and tuple(r["planner"]) == REFERENCE_PLANNERS[0]]
     if safe_ref:  # the script's default CEM sizes on the true dynamics
         axes[0].axhline(np.mean(safe_ref), color="k", ls="--", lw=1, label="planner on the true dynamics, constrained")
