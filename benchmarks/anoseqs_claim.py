@@ -31,7 +31,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 from conftest import read_scalars  # noqa: E402
+from plot import fmt_interval, interval_estimates, plot_band  # noqa: E402  (benchmarks/plot.py)
 
 METHODS = {
     "AnoSeqs": ["--exp-name", "anoseqs"],  # the script's defaults: r - 1.0 s 1[s > threshold]
@@ -224,12 +226,14 @@ def report(index: dict, a, cwd: Path) -> None:
                 stats["score_frac"].append(s["charts/scoring_time_fraction"][-1][1])
         for ax, name in zip(axes, ("rate", "ret", "cost")):
             c = np.array(curves[name])
-            ax.plot(mids, np.nanmean(c, 0), color=f"C{m}", label=f"{method} ({len(runs)} seeds)")
-            ax.fill_between(mids, np.nanmin(c, 0), np.nanmax(c, 0), color=f"C{m}", alpha=0.15)
+            keep = ~np.isnan(c).any(0)  # bins where every seed finished an episode
+            plot_band(ax, mids[keep], c[:, keep], label=f"{method} ({len(runs)} seeds)", color=f"C{m}")
 
-        def f(name, fmt="{:.3f}"):
+        def f(name, fmt="{:.3f}"):  # one seed: its value; several: IQM [95% stratified-bootstrap CI]
             v = stats[name]
-            return (fmt.format(np.mean(v)) + (" ± " + fmt.format(np.std(v)) if len(v) > 1 else "")) if v else "-"
+            if len(v) > 1:
+                return fmt_interval(interval_estimates({"x": np.array(v, dtype=float)}, reps=5000)["x"])
+            return fmt.format(v[0]) if v else "-"
 
         rows.append(f"| {method} | {len(runs)} | {f('cost_rate')} | {f('ret', '{:.1f}')} | {f('cost', '{:.1f}')} | "
                     f"{f('eval_ret', '{:.1f}')} | {f('eval_cost', '{:.1f}')} | {f('auc')} | {f('penalised')} | "
@@ -242,7 +246,8 @@ def report(index: dict, a, cwd: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("environment steps")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{a.env_id}: mean over seeds, band = min..max over seeds (episodes binned per {a.steps // 15} steps)")
+    fig.suptitle(f"{a.env_id}: IQM over seeds and its 95% bootstrap CI (benchmarks/plot.py; episodes binned per "
+                 f"{a.steps // 15} steps)")
     fig.tight_layout()
     out = REPO / "docs" / "img" / "anoseqs_claim.png"
     fig.savefig(out, dpi=80)

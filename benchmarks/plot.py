@@ -26,6 +26,7 @@ Library (the benchmark scripts draw their figures with these):
     iqm(values)                              the interquartile mean (scipy's 25% trimmed mean, as rliable)
     interval_estimates(scores, reps, seed)   {name: (IQM, low, high)}, scores: {name: (runs, tasks) array}
     curve_estimates(curves, reps, seed)      IQM and CI at each point of (runs, points) curves
+    interpolate_runs(series, points)         runs' (step, value) series on a common grid of steps
     plot_band(ax, x, curves, label=...)      an IQM line and its CI band
     markdown_table(header, rows)
 """
@@ -136,6 +137,14 @@ def load_runs(directories: list[str]) -> list[dict]:
     if not runs:
         raise SystemExit(f"error: no summary.json under {', '.join(directories)} (a run writes one when it ends)")
     return runs
+
+
+def interpolate_runs(series: list, points: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Runs' [(step, value), ...] series (e.g. a cumulative counter) linearly interpolated on a common grid of steps
+    from the latest first step to the earliest last step: (grid, (runs, points))."""
+    arrays = [np.array(sorted(s), dtype=float).T for s in series]
+    grid = np.linspace(max(a[0][0] for a in arrays), min(a[0][-1] for a in arrays), points)
+    return grid, np.stack([np.interp(grid, steps, values) for steps, values in arrays])
 
 
 def episode_curves(run_dirs: list[str], tag: str, points: int = 50) -> tuple[np.ndarray, np.ndarray] | None:

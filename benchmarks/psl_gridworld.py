@@ -8,7 +8,7 @@
 The authors' configuration (their minecraft.py): a fixed schedule of 1666 episodes per safeguard (`int(episode /
 1666)`, so their 4th and final safeguard gets 2 of the 5000 episodes), the Q update on the greedy action, and the
 eq. 7 average over the states 0..i-1 of the i-th safeguard. Ours: psl.py's defaults. Both run 32 episodes side by
-side (psl.py --num-envs 32). Prints a markdown table (mean +- std over seeds) and writes docs/img/psl_gridworld_<tag>.png
+side (psl.py --num-envs 32). Prints a markdown table (IQM over seeds [95% stratified-bootstrap CI], benchmarks/plot.py) and writes docs/img/psl_gridworld_<tag>.png
 and the raw numbers to docs/img/psl_gridworld_<tag>.json.
 """
 
@@ -25,7 +25,9 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import psl  # noqa: E402
+from plot import fmt_interval, interval_estimates, plot_band  # noqa: E402  (benchmarks/plot.py)
 
 CONFIGS = {
     "ours": {},
@@ -107,8 +109,8 @@ def main(b: Bench) -> None:
                   f"P(safe) {r['safety_probability']:.4f} switches {r['switches']} {r['wall']:.0f} s "
                   f"(cpu {r['cpu']:.0f} s)", flush=True)
 
-    def f(xs, d=3):
-        return f"{np.mean(xs):.{d}f} ± {np.std(xs):.{d}f}"
+    def f(xs, d=3):  # IQM over seeds [95% stratified-bootstrap CI] (benchmarks/plot.py, rliable)
+        return fmt_interval(interval_estimates({"x": np.asarray(xs, dtype=float)}, reps=2000)["x"])
 
     print(f"\nconfig {b.config}, overrides {overrides}, seeds 1-{b.seeds} (baseline, intrinsic-fear: 1-"
           f"{b.baseline_seeds or b.seeds})\n")
@@ -150,17 +152,15 @@ def main(b: Bench) -> None:
     for method, rs in results.items():
         n = min(len(r["curves"]["violations"]) for r in rs)
         c = np.stack([r["curves"]["violations"][:n] for r in rs])
-        axes[0].plot(c.mean(0), label=method)
-        axes[0].fill_between(np.arange(n), c.mean(0) - c.std(0), c.mean(0) + c.std(0), alpha=0.2)
+        every = max(1, n // 100)  # 100 points per curve: the bootstrap runs at each point
+        plot_band(axes[0], np.arange(n)[::every], c[:, ::every], label=method)
         p = np.stack([r["curves"]["safety_probability"] for r in rs])  # (seeds, evals, 2)
-        axes[1].plot(p[0, :, 0], p[:, :, 1].mean(0), marker="o", label=method)
-        axes[1].fill_between(p[0, :, 0], p[:, :, 1].mean(0) - p[:, :, 1].std(0), p[:, :, 1].mean(0) + p[:, :, 1].std(0),
-                             alpha=0.2)  # fmt: skip
+        plot_band(axes[1], p[0, :, 0], p[:, :, 1], label=method, marker="o")
         n = min(len(r["curves"]["U_s0"]) for r in rs)
         u = np.stack([np.convolve(r["curves"]["U_s0"][:n], np.ones(150) / 150, mode="valid") for r in rs])
-        axes[2].plot(u.mean(0), label=method)
+        plot_band(axes[2], np.arange(u.shape[1])[::every], u[:, ::every], label=method)
     axes[0].set(xlabel="episode", ylabel="cumulative training violations (final safeguard)",
-                title=f"{tag}: violations, mean ± std over seeds")  # fmt: skip
+                title=f"{tag}: violations, IQM and 95% CI over seeds")  # fmt: skip
     axes[1].set(xlabel="episode", ylabel="P(greedy policy satisfies the final safeguard, 1000 steps)",
                 title="exact safety probability", ylim=(-0.02, 1.02))  # fmt: skip
     axes[2].set(xlabel="episode started", ylabel="U(s0), 150-episode moving average",

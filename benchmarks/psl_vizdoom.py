@@ -26,7 +26,9 @@ import tyro
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 from conftest import read_scalars  # noqa: E402
+from plot import fmt_interval, interpolate_runs, interval_estimates, plot_band  # noqa: E402  (benchmarks/plot.py)
 
 
 @dataclass
@@ -112,14 +114,23 @@ def main(b: Bench) -> None:
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.0f} | {r[4]:.0f} | {r[5]:.0f} | {r[6]:.2f} | {r[7]:.3f} | "
               f"{r[8]:.3f} | {r[9]:.2f} | {r[10]:.0f} | {r[11]:.0f} |")
+    if b.seeds > 1:  # over seeds: IQM [95% stratified-bootstrap CI] of the common metric and the game reward
+        print("\n| method | seeds | violations (common metric) | game reward (last 50 episodes) | eval game reward |\n"
+              "|---|---|---|---|---|")
+        for method in curves:
+            rs = np.array([r[3:] for r in rows if r[0] == method], dtype=float)
+            cells = [fmt_interval(interval_estimates({"x": rs[:, j]}, reps=5000)["x"]) for j in (0, 4, 5)]
+            print(f"| {method} | {len(rs)} | " + " | ".join(cells) + " |")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method, runs in curves.items():
-        for k, (viol, game) in enumerate(runs):
-            axes[0].plot(*zip(*viol), label=method if k == 0 else None)
+    for i, (method, runs) in enumerate(curves.items()):  # one seed: the run; several: IQM and 95% CI over seeds
+        plot_band(axes[0], *interpolate_runs([viol for viol, _ in runs], 100), label=method, color=f"C{i}")
+        smoothed = []
+        for _, game in runs:
             steps, vals = zip(*game)
             w = min(50, len(vals))
-            axes[1].plot(steps[w - 1 :], np.convolve(vals, np.ones(w) / w, mode="valid"), label=method if k == 0 else None)
+            smoothed.append(list(zip(steps[w - 1 :], np.convolve(vals, np.ones(w) / w, mode="valid"))))
+        plot_band(axes[1], *interpolate_runs(smoothed, 100), label=method, color=f"C{i}")
     axes[0].set(xlabel="env steps", ylabel="cumulative violations (lava w/o armor, boss w/o weapon)",
                 title="ViZDoom, the common metric")  # fmt: skip
     axes[1].set(xlabel="env steps", ylabel="game reward per episode (50-episode mean)", title="ViZDoom, game reward")
