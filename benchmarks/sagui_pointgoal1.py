@@ -30,7 +30,9 @@ import tyro
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 from conftest import read_scalars  # noqa: E402
+from plot import interpolate_runs, plot_band  # noqa: E402  (benchmarks/plot.py)
 
 METHODS = {  # name -> flags (besides the common ones); "{guide}" is replaced by the guide's path
     "sagui_cs": ["--guide-path", "{guide}"],
@@ -165,13 +167,14 @@ if __name__ == "__main__":
         name = method + args.tag
         dirs = sorted(Path(p) for p in glob.glob(str(out / "runs" / f"*__{name}__*")) if os.path.isdir(p))
         summary[name] = []
+        cumulative = []
         for i, run_dir in enumerate(dirs):
             summary[name].append(summarise(run_dir, d, args.first_episodes))
             sc = read_scalars(run_dir)
             label = name if i == 0 else None
             s, c = series(sc, "charts/episodic_cost")
             axes[0, 0].plot(s, c, color=COLORS[method], alpha=0.7, marker="o", ms=3, label=label)
-            axes[0, 1].plot(s, np.cumsum(c), color=COLORS[method], alpha=0.7, label=label)
+            cumulative.append(list(zip(s, np.cumsum(c))))
             s, b = series(sc, "charts/lagrange_multiplier")
             axes[1, 0].semilogy(s, np.maximum(b, 1e-6), color=COLORS[method], alpha=0.7, label=label)
             s, q = series(sc, "charts/cost_critic_estimate")
@@ -180,10 +183,12 @@ if __name__ == "__main__":
                 s, q = series(sc, "charts/cost_critic_estimate_guide_buffer")
                 axes[1, 1].plot(s, q, color=COLORS[method], alpha=0.7, ls=":",
                                 label="sagui_cs, guide-buffer states" if i == 0 else None)
+        if cumulative:  # one seed: the run; several: their IQM and 95% bootstrap CI (benchmarks/plot.py)
+            plot_band(axes[0, 1], *interpolate_runs(cumulative, 100), label=name, color=COLORS[method])
     axes[0, 0].axhline(d, color="k", ls="--", lw=1)
     axes[1, 1].axhline(25 * (1 - 0.99**1000) / 10, color="k", ls="--", lw=1, label="d_bar")
     for ax, title in zip(axes.flat, ("behaviour policy: episodic cost (training; limit dashed)",
-                                     "behaviour policy: cumulative training cost",
+                                     "behaviour policy: cumulative training cost (IQM, 95% CI over seeds)",
                                      "beta (the cost multiplier; omega = beta for SaGui)",
                                      "cost critic's estimate Qc(s, a~pi), batch mean, vs d_bar")):
         ax.set_title(title)
