@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import actsafe  # noqa: E402
 from actsafe import ActorCritic, Args, WorldModel, epistemic_uncertainty, safety_budget  # noqa: E402
+from plot import plot_band  # noqa: E402  (benchmarks/plot.py)
 
 
 def imagined_uncertainty(wm, actor, start, horizon) -> float:
@@ -99,8 +101,8 @@ if __name__ == "__main__":
 
         steps, ue, ut = zip(*history)
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        ax.plot(steps, ue, "o-", label="exploration actor (reward 10 u_t)")
-        ax.plot(steps, ut, "s-", label="task actor (extrinsic reward)")
+        plot_band(ax, steps, [ue], label="exploration actor (reward 10 u_t)", marker="o")
+        plot_band(ax, steps, [ut], label="task actor (extrinsic reward)", marker="s")
         ax.set_xlabel("actor-critic updates (world model frozen at its initialisation)")
         ax.set_ylabel("mean u_t in imagination (held-out starts)")
         ax.legend(fontsize=8)

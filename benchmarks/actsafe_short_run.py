@@ -21,7 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 from conftest import read_scalars, run_dirs  # noqa: E402
+from plot import plot_band  # noqa: E402  (benchmarks/plot.py: one run is drawn as its line)
 
 SWITCH = 12_000  # the end of the expansion phase
 FLAGS = ["--env-id", "SafetyPointGoal1", "--num-envs", "2", "--total-timesteps", "16000", "--warmup-steps", "2000",
@@ -41,7 +43,7 @@ def plot(scalars: dict, out: Path) -> None:
     def line(ax, tag, label=None, **kw):
         if tag in scalars:
             steps, values = zip(*scalars[tag])
-            ax.plot(steps, values, label=label or tag, **kw)
+            plot_band(ax, steps, [values], label=label or tag, **kw)
 
     line(axes[0], "losses/image_loss")
     ax0b = axes[0].twinx()

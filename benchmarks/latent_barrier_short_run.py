@@ -30,7 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 from conftest import read_scalars, run_dirs  # noqa: E402
+from plot import plot_band  # noqa: E402  (benchmarks/plot.py: one run is drawn as its line)
 
 FLAGS = ["--env-id", "SafetyPointGoal1", "--num-envs", "1", "--warmup-steps", "4000", "--train-every", "500",
          "--batch-size", "8", "--sequence-length", "32", "--imag-horizon", "15", "--cnn-depth", "16",
@@ -48,7 +50,7 @@ def plot(scalars: dict, out: Path, threshold: float) -> None:
     def line(ax, tag, label=None, **kw):
         if tag in scalars:
             steps, values = zip(*scalars[tag])
-            ax.plot(steps, values, label=label or tag.split("/")[-1], marker=".", **kw)
+            plot_band(ax, steps, [values], label=label or tag.split("/")[-1], marker=".", **kw)
 
     line(axes[0], "charts/safe_misclassified", "safe states with B <= 0")
     line(axes[0], "charts/unsafe_misclassified", "unsafe states with B >= 0")
