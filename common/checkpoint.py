@@ -127,9 +127,11 @@ def check_identity(saved: dict, current: dict, path) -> None:
 
 # ---- a script's resume: the run's flags, its checkpoint, a checkpoint every N steps ----
 
-# flags a resumed run may change: where and how often it saves, its length, and how it runs (not what it computes)
+# flags a resumed run may change: where and how often it saves, its length, how it runs, what it logs and how it is
+# evaluated at the end (not what it learns)
 RESUMABLE_CHANGES = ("resume", "checkpoint_every", "checkpoint_buffer", "total_timesteps", "cuda", "compile",
-                     "cudagraphs", "torch_threads", "async_envs")
+                     "cudagraphs", "torch_threads", "async_envs", "eval_episodes", "capture_video", "log_every",
+                     "save_model")
 
 
 def _flag(name: str) -> str:

@@ -115,8 +115,9 @@ class Logger:
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue the cost rate and the console line."""
+        # not the total: a run resumed with a longer --total-timesteps shows its new total (and ETA)
         return {"steps_seen": self.steps_seen, "cost_steps": self.cost_steps, "last_return": self.last_return,
-                "last_cost": self.last_cost, "total_steps": self.total_steps}
+                "last_cost": self.last_cost}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
