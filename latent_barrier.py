@@ -242,8 +242,8 @@ class Args:
     """environment steps between console lines"""
     checkpoint_every: int = 50_000
     """environment steps between checkpoints (`runs/{run_name}/checkpoint.pt`, also written at the end of training;
-    0: only then). Measured cost at the default sizes: see docs/latent_barrier.md (the replay's compressed frames
-    dominate and grow with the run)"""
+    0: only then). At the default sizes (measured): 63 MiB of networks and optimisers plus 3.1 MiB per 1,000 replay
+    rows (one row per 2 env steps), 0.7 s to write with 1,000 rows; so 63 + 25 x 3.1 = 141 MiB at 50,000 env steps"""
     checkpoint_buffer: bool = True
     """save the replay episodes in the checkpoint (uint8 frames, zlib-compressed); --no-checkpoint-buffer leaves them
     out: much smaller files, and a resumed run refills the replay from scratch"""
