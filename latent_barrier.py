@@ -797,6 +797,7 @@ if __name__ == "__main__":
         check_identity(resumed["identity"], identity, resumed["path"])
         counters = load_checkpoint_state(resumed["state"], wm, agent, optimisers, lagrange_state, buffer, logger)
         global_step = resumed["state"]["step"]
+        logger.restart_clock(global_step, args.total_timesteps)  # the logger's saved total is the old run's length
         (updates, next_train, next_log, train_episodes, train_violating_episodes, train_cost_sum, train_seconds,
          wall_seconds) = (counters[k] for k in ("updates", "next_train", "next_log", "train_episodes",
                                                 "train_violating_episodes", "train_cost_sum", "train_seconds",

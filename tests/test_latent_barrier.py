@@ -555,20 +555,22 @@ def test_kill_and_resume_reaches_the_end_and_its_first_update_is_the_checkpoints
     state = saved["state"]
     assert saved["identity"]["script"] == "latent_barrier" and saved["identity"]["env_id"] == "SafetyPointGoal1-v0"
     assert state["step"] == 100 and state["counters"]["updates"] == 2 and state["counters"]["next_train"] == 150
-    proc = run_script("latent_barrier.py", "--resume", str(run), cwd=tmp_path)
+    # resumed with a longer run (a flag a resume may change): 250 env steps instead of 200
+    proc = run_script("latent_barrier.py", "--resume", str(run), "--total-timesteps", "250", cwd=tmp_path)
     assert "resuming" in proc.stdout and "at step 100 (training, 2 updates, 30 replayed rows)" in proc.stdout
+    assert "global_step=250/250 (100%)" in proc.stdout
 
     # the run reaches its end, in the same directory and on the same curves (no doubled stretch)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["total_steps"] == 200 and summary["updates"] == 6 and summary["resumed"] is True
+    assert summary["total_steps"] == 250 and summary["updates"] == 8 and summary["resumed"] is True
     s = read_scalars(run)
-    assert s["charts/updates"] == [(100, 2.0), (150, 4.0), (200, 6.0)]
+    assert s["charts/updates"] == [(100, 2.0), (150, 4.0), (200, 6.0), (250, 8.0)]
     final = read_checkpoint(run / "checkpoint.pt")["state"]
-    assert final["step"] == 200 and final["counters"]["updates"] == 6
-    # the replay: the checkpoint's chunk, then the one chunk stored after the reset (30 rows by env step 158; the
-    # uninterrupted run would hold three)
+    assert final["step"] == 250 and final["counters"]["updates"] == 8
+    # the replay: the checkpoint's chunk, then the chunks stored after the reset (30 rows each, at env steps 158 and
+    # 218; an uninterrupted run stores its chunks at 58, 118, 178, 238)
     episodes = final["buffer"]["episodes"]
-    assert [len(unpack_array(e["reward"])) for e in episodes] == [30, 30]
+    assert [len(unpack_array(e["reward"])) for e in episodes] == [30, 30, 30]
     assert np.array_equal(unpack_array(episodes[0]["obs"]), unpack_array(state["buffer"]["episodes"][0]["obs"]))
 
     # the first update after resuming (env step 150) equals the update the checkpoint's state gives on the batch its
