@@ -726,6 +726,9 @@ def validate(args: Args) -> None:
     if args.store_chunk < 0 or 0 < args.store_chunk < args.sequence_length:
         raise SystemExit(f"error: --store-chunk ({args.store_chunk}) must be 0 (whole episodes) "
                          f"or >= --sequence-length ({args.sequence_length})")
+    if args.capture_video and args.eval_episodes == 0:
+        raise SystemExit("error: --capture-video records the final evaluation episodes, and --eval-episodes is 0: "
+                         "give --eval-episodes 1 or more")
     try:
         registered, _ = normalize_env_id(args.env_id, vision=True)
     except ValueError as e:

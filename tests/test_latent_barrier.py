@@ -366,6 +366,7 @@ def test_last_substep_costs_read_through_a_vector_env_and_its_auto_reset():
     (dict(bit_depth=9), "--bit-depth must be in 1..8"),
     (dict(store_chunk=10), "--store-chunk"),
     (dict(checkpoint_every=-1), "--checkpoint-every must be >= 0"),
+    (dict(capture_video=True, eval_episodes=0), "--capture-video records the final evaluation episodes"),
     (dict(env_id="SafetyPointGaol1"), "Closest valid ids: SafetyPointGoal1"),
     (dict(env_id="SafetyHalfCheetahVelocity"), "has no vision camera"),
 ])
