@@ -47,7 +47,20 @@ Deviations (reasons and the other side's flag in docs/latent_barrier.md):
   (the replay's row convention; the authors pair it with the reward predicted at s_t).
 - The policy's mode for collection is tanh(mean) (the authors: a 100-sample estimate); evaluation uses it too.
 - With `--store-chunk N > 0` an unfinished episode is stored once it holds N rows (tiny runs only; default 0).
-- `--capture-video` is not supported (rendering is the bottleneck on CPU); it is rejected with a message.
+
+Resume, video, summary (docs/latent_barrier.md, "Resume, video, summary"):
+- `runs/<run>/checkpoint.pt` every `--checkpoint-every` env steps and at the end of training (before the final
+  evaluation; written atomically): world model, actor, barrier, value (and cost value), the three optimisers, the
+  Lagrangian baseline's multiplier and penalty, the replay episodes (uint8 frames zlib-compressed;
+  `--no-checkpoint-buffer` leaves them out), the counters (steps, updates, next training round and console line,
+  training episodes), the logger's state and every RNG. `--resume runs/<run>` continues that run directory and its
+  TensorBoard curves; the environments are reset, so the episodes in progress at the checkpoint are lost (and so is
+  the unfinished episode's part not yet stored in the buffer).
+- `--capture-video` records the final evaluation episodes as mp4 under `runs/<run>/videos/`: the agent's own 64x64
+  camera frames (what the world model sees), enlarged 4x by pixel repetition; nothing extra is rendered.
+- `runs/<run>/summary.json` at the very end. This method has no cost budget (state-wise safety): the summary's
+  `cost_limit` and its count of violating training episodes use `--cost-limit` (25 per episode, the Lagrangian
+  baseline's budget d, Safety-Gymnasium's usual limit) for every method.
 """
 
 from __future__ import annotations
@@ -85,8 +98,11 @@ from common import (
     seed_everything,
 )
 from common.capture import resolve_speed_flags, speed_up
+from common.checkpoint import Checkpointer, check_identity, resume_run, set_rng_state
 from common.envs import default_async
 from common.rssm import RSSM, gaussian_kl
+from common.summary import write_summary
+from common.video import save_video, video_path
 
 
 @dataclass
@@ -100,7 +116,8 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be used when available (the CPU otherwise, with a message)"""
     capture_video: bool = False
-    """not supported by this script (rendering is the bottleneck); rejected when set"""
+    """record the final evaluation episodes as mp4 under `runs/{run_name}/videos/`: the agent's own 64x64 camera
+    frames, enlarged 4x (256x256) by pixel repetition (no extra rendering)"""
     save_model: bool = False
     """whether to save the world model, barrier, actor and value into `runs/{run_name}`"""
 
@@ -108,7 +125,8 @@ class Args:
     env_id: str = "SafetyPointGoal1"
     """the Safety-Gymnasium task of a robot with a camera; observations are always its 64x64 `vision` pixels"""
     total_timesteps: int = 1_000_000
-    """total environment steps (action repeat included)"""
+    """total environment steps (action repeat included), the random warm-up included; the final evaluation's steps
+    are not counted"""
     num_envs: int = 1
     """the number of parallel environments (the authors collect one episode at a time)"""
     action_repeat: int = 2
@@ -222,6 +240,16 @@ class Args:
     """evaluation episodes at the end with the policy's deterministic action (0: none)"""
     log_every: int = 5000
     """environment steps between console lines"""
+    checkpoint_every: int = 50_000
+    """environment steps between checkpoints (`runs/{run_name}/checkpoint.pt`, also written at the end of training;
+    0: only then). At the default sizes (measured): 63 MiB of networks and optimisers plus 3.1 MiB per 1,000 replay
+    rows (one row per 2 env steps), 0.7 s to write with 1,000 rows; so 63 + 25 x 3.1 = 141 MiB at 50,000 env steps"""
+    checkpoint_buffer: bool = True
+    """save the replay episodes in the checkpoint (uint8 frames, zlib-compressed); --no-checkpoint-buffer leaves them
+    out: much smaller files, and a resumed run refills the replay from scratch"""
+    resume: str | None = None
+    """a run directory runs/<run> to continue; its flags are used, only --total-timesteps/--checkpoint-every/... may
+    change (the environments are reset: the episodes in progress at the checkpoint are lost)"""
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -601,6 +629,65 @@ def last_substep_costs(info: dict, num_envs: int) -> np.ndarray:
     return costs
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Acting, checkpoints, evaluation video: the main loop's helpers
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def policy_step(wm: WorldModel, agent: Agent, obs: torch.Tensor, state: dict, prev_action: torch.Tensor, mode: str,
+                noise: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Filter the new observation with the posterior, then act: mode 'random' (uniform actions, the warm-up),
+    'explore' (the policy's mode plus N(0, noise), the authors' collection rule) or 'eval' (the mode). Returns
+    (action in [-1, 1], the new filter state)."""
+    embed = wm.encoder(wm.preprocess(obs))
+    state, _ = wm.rssm.obs_step(state, prev_action, embed)
+    if mode == "random":
+        return torch.rand_like(prev_action) * 2 - 1, state
+    action = agent.actor(state["stoch"], deterministic=True)
+    if mode == "explore":
+        action = (action + noise * torch.randn_like(action)).clamp(-1, 1)
+    return action, state
+
+
+def checkpoint_identity(args: Args, env_id: str) -> dict:
+    """What a checkpoint must agree on to be loaded: the env, the tensor shapes, what the stored rows mean."""
+    return {"script": "latent_barrier", "env_id": env_id, "constraint": args.constraint,
+            "action_repeat": args.action_repeat, "repeat_cost": args.repeat_cost,
+            **{k: getattr(args, k) for k in ("deter_dim", "stoch_dim", "hidden_dim", "cnn_depth", "head_units",
+                                             "barrier_units", "actor_units", "value_units")}}
+
+
+def checkpoint_state(wm: WorldModel, agent: Agent, optimisers: dict, lagrange_state: dict, buffer: EpisodeBuffer,
+                     logger: Logger, counters: dict, with_buffer: bool) -> dict:
+    """Everything a resumed run continues from (the step and the RNG states are added by `Checkpointer.save`)."""
+    return {"world_model": wm.state_dict(), "agent": agent.state_dict(),
+            "optimisers": {name: opt.state_dict() for name, opt in optimisers.items()},
+            "lagrange_state": {k: v.detach().cpu() for k, v in lagrange_state.items()},
+            # without the episodes: the sampling RNG only (a resumed run refills the replay)
+            "buffer": buffer.state_dict() if with_buffer else {"episodes": [], "rng": buffer.rng.bit_generator.state},
+            "logger": logger.state_dict(), "counters": counters}
+
+
+def load_checkpoint_state(state: dict, wm: WorldModel, agent: Agent, optimisers: dict, lagrange_state: dict,
+                          buffer: EpisodeBuffer, logger: Logger) -> dict:
+    """Load `checkpoint_state`'s dict into the built modules, in place; returns the counters."""
+    wm.load_state_dict(state["world_model"])
+    agent.load_state_dict(state["agent"])
+    for name, opt in optimisers.items():
+        opt.load_state_dict(state["optimisers"][name])
+    for k, v in lagrange_state.items():
+        v.copy_(state["lagrange_state"][k])  # in place: the (compiled / captured) update holds these tensors
+    buffer.load_state_dict(state["buffer"])
+    logger.load_state_dict(state["logger"])
+    return state["counters"]
+
+
+def video_frame(obs: np.ndarray, scale: int = 4) -> np.ndarray:
+    """A channel-first 64x64 camera image as an (H, W, 3) video frame, enlarged `scale` times by pixel repetition."""
+    return np.asarray(obs).transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)
+
+
 def require_sequences(buffer: EpisodeBuffer, length: int) -> None:
     """Stop with a message (not a traceback from `EpisodeBuffer.sample`) when episodes are stored but none holds
     `length` rows (--sequence-length longer than the task's episodes)."""
@@ -620,7 +707,7 @@ def validate(args: Args) -> None:
     check_choice(args, "constraint", ["barrier", "lagrangian"])
     check_choice(args, "repeat_cost", ["sum", "last"])
     for name in ("warmup_steps", "action_noise", "free_nats", "beta", "derivative_weight", "initial_lagrangian",
-                 "penalty_power_factor", "eval_episodes", "torch_threads"):
+                 "penalty_power_factor", "eval_episodes", "torch_threads", "checkpoint_every"):
         if getattr(args, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)!r}")
     if args.imag_horizon < 2:
@@ -639,8 +726,9 @@ def validate(args: Args) -> None:
     if args.store_chunk < 0 or 0 < args.store_chunk < args.sequence_length:
         raise SystemExit(f"error: --store-chunk ({args.store_chunk}) must be 0 (whole episodes) "
                          f"or >= --sequence-length ({args.sequence_length})")
-    if args.capture_video:
-        raise SystemExit("error: --capture-video is not supported by latent_barrier.py (the observations are the video)")
+    if args.capture_video and args.eval_episodes == 0:
+        raise SystemExit("error: --capture-video records the final evaluation episodes, and --eval-episodes is 0: "
+                         "give --eval-episodes 1 or more")
     try:
         registered, _ = normalize_env_id(args.env_id, vision=True)
     except ValueError as e:
@@ -652,11 +740,15 @@ def validate(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    start_time = time.time()
+    args, resumed = resume_run(tyro.cli(Args), "latent_barrier")  # --resume runs/<run>: that run's flags
     validate(args)
     env_id, _ = normalize_env_id(args.env_id, vision=True)
-    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    logger = Logger(run_name, args)
+    if resumed:  # the same run directory, the same TensorBoard curves from the checkpoint's step on
+        logger = Logger(os.path.basename(resumed["run_dir"]), args, root=os.path.dirname(resumed["run_dir"]),
+                        resume_step=resumed["state"]["step"])
+    else:
+        logger = Logger(f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}", args)
     seed_everything(args.seed, args.torch_deterministic)
     device = get_device(args.cuda)
     if args.torch_threads > 0:
@@ -680,6 +772,7 @@ if __name__ == "__main__":
     value_opt = adam([{"params": list(agent.value.parameters()), "lr": args.value_lr}]
                      + ([{"params": list(agent.cost_value.parameters()), "lr": args.cost_value_lr}]
                         if agent.cost_value is not None else []), args.value_lr)
+    optimisers = {"model": model_opt, "policy": policy_opt, "value": value_opt}
     lagrange_state = {"lagrange": torch.tensor(args.initial_lagrangian, device=device),
                       "penalty": torch.tensor(args.initial_penalty, device=device)}
     budget = safety_budget(args.cost_limit, args.episode_length, args.action_repeat, args.repeat_cost, args.cost_gamma)
@@ -694,35 +787,57 @@ if __name__ == "__main__":
           f"({'worker processes' if async_envs else 'in this process'}), update "
           f"{'compiled' if compile_update else 'eager'}{' + CUDA graph' if cudagraphs else ''}: "
           f"{min(args.warmup_steps, args.total_timesteps)} random-action warm-up steps, then the policy; "
-          f"{args.train_steps} updates every {args.train_every} env steps; {safety}", flush=True)
+          f"{args.train_steps} updates every {args.train_every} env steps; {safety}; then {args.eval_episodes} "
+          f"evaluation episodes{' (recorded)' if args.capture_video else ''}; checkpoints "
+          + (f"every {args.checkpoint_every} env steps and " if args.checkpoint_every else "")
+          + "at the end of training", flush=True)
+
+    # counters (all in the checkpoint); a resumed run continues them, with its models, optimisers and replay
+    global_step, updates, next_train, next_log = 0, 0, args.warmup_steps, args.log_every
+    train_episodes, train_violating_episodes, train_cost_sum, train_seconds, wall_seconds = 0, 0, 0.0, 0.0, 0.0
+    identity = checkpoint_identity(args, env_id)
+    if resumed:
+        check_identity(resumed["identity"], identity, resumed["path"])
+        counters = load_checkpoint_state(resumed["state"], wm, agent, optimisers, lagrange_state, buffer, logger)
+        global_step = resumed["state"]["step"]
+        logger.restart_clock(global_step, args.total_timesteps)  # the logger's saved total is the old run's length
+        (updates, next_train, next_log, train_episodes, train_violating_episodes, train_cost_sum, train_seconds,
+         wall_seconds) = (counters[k] for k in ("updates", "next_train", "next_log", "train_episodes",
+                                                "train_violating_episodes", "train_cost_sum", "train_seconds",
+                                                "wall_seconds"))
+        print(f"resuming {resumed['run_dir']} at step {global_step} "
+              f"({'random warm-up' if global_step < args.warmup_steps else 'training'}, {updates} updates, "
+              f"{len(buffer)} replayed rows{'' if buffer.episodes else ': the replay refills from now on'}); "
+              "environments reset: the episodes in progress at the checkpoint are lost", flush=True)
+    checkpointer = Checkpointer(logger.run_dir, args.checkpoint_every, identity, start_step=global_step)
+    first_update_after_resume = updates + 1 if resumed else None
 
     # the start: every env's first row (Dreamer's convention: row t = o_t, a_{t-1}, r_t, c_t)
-    obs, _ = envs.reset(seed=args.seed)
+    obs, _ = envs.reset(seed=args.seed + global_step)  # a resumed run: new episodes, seeded by the step
     zero_action = np.zeros(action_dim, np.float32)
     for i in range(args.num_envs):
         buffer.add({"obs": obs[i], "action": zero_action, "reward": np.float32(0), "cost": np.float32(0)}, i)
     filter_state = wm.rssm.initial(args.num_envs, device)
     prev_action = torch.zeros(args.num_envs, action_dim, device=device)
+    if resumed:
+        set_rng_state(resumed["state"]["rng"])  # last: everything is built; the run draws on from the checkpoint
 
-    global_step, updates, next_train, next_log = 0, 0, args.warmup_steps, args.log_every
     steps_per_iteration = args.num_envs * args.action_repeat
     updates_per_s, last_round = 0.0, {}
+    loop_start = time.time()
     while global_step < args.total_timesteps:
         # ---- act: filter the new observation, then the policy's mode plus exploration noise (the authors')
-        with torch.no_grad():
-            embed = wm.encoder(wm.preprocess(torch.as_tensor(obs, device=device)))
-            filter_state, _ = wm.rssm.obs_step(filter_state, prev_action, embed)
-            if global_step < args.warmup_steps:
-                action = torch.rand(args.num_envs, action_dim, device=device) * 2 - 1
-            else:
-                action = agent.actor(filter_state["stoch"], deterministic=True)
-                action = (action + args.action_noise * torch.randn_like(action)).clamp(-1, 1)
+        mode = "random" if global_step < args.warmup_steps else "explore"
+        action, filter_state = policy_step(wm, agent, torch.as_tensor(obs, device=device), filter_state, prev_action,
+                                           mode, args.action_noise)
         action_np = action.cpu().numpy()
         next_obs, reward, cost, terminated, truncated, info = envs.step(to_env(action_np))
         global_step += steps_per_iteration
         logger.log_costs(global_step, cost)
         for _, episode in finished_episodes(info):
             logger.log_episode(global_step, episode["r"], episode["c"], episode["l"])
+            train_episodes, train_cost_sum = train_episodes + 1, train_cost_sum + float(episode["c"])
+            train_violating_episodes += int(episode["c"] > args.cost_limit)
         label_cost = cost if args.repeat_cost == "sum" else last_substep_costs(info, args.num_envs)
 
         # ---- store: the step's row; a finished episode's last row holds its final observation
@@ -753,6 +868,9 @@ if __name__ == "__main__":
                 # the next batch is sampled on the host while the device still runs the previous update
                 metrics = update_step(buffer.sample(args.batch_size, args.sequence_length))
                 updates += 1
+                if updates == first_update_after_resume:  # logged once, to check a resume against its checkpoint
+                    for tag in ("model_loss", "policy_loss", "value_loss"):
+                        logger.scalar(f"resume/first_{tag}", metrics[f"losses/{tag}"].item(), global_step)
             # once per round: NaN guard and logging (the only host syncs of the learning step)
             check_finite("world-model loss", metrics["losses/model_loss"])
             check_finite("policy loss", metrics["losses/policy_loss"])
@@ -769,32 +887,62 @@ if __name__ == "__main__":
                 extra += (f" unsafe={last_round['charts/unsafe_fraction']:.3f} "
                           f"violations={last_round['charts/violation_fraction']:.3f}")
             logger.console(global_step, extra)
+
+        # ---- checkpoint: at the end of the iteration (after its logging), every `checkpoint_every` steps and the last
+        if checkpointer.due(global_step) or global_step >= args.total_timesteps:
+            counters = {"updates": updates, "next_train": next_train, "next_log": next_log,
+                        "train_episodes": train_episodes, "train_violating_episodes": train_violating_episodes,
+                        "train_cost_sum": train_cost_sum, "train_seconds": train_seconds + time.time() - loop_start,
+                        "wall_seconds": wall_seconds + time.time() - start_time}
+            checkpointer.save(global_step, checkpoint_state(wm, agent, optimisers, lagrange_state, buffer, logger,
+                                                            counters, args.checkpoint_buffer), args)
+    train_seconds += time.time() - loop_start
     if args.save_model:
         path = os.path.join(logger.run_dir, f"{args.exp_name}.cleanrl_model")
         torch.save({"world_model": wm.state_dict(), "agent": agent.state_dict(), "args": vars(args)}, path)
         print(f"model saved to {path}", flush=True)
 
     # final evaluation: the policy's deterministic action (no noise), filtering its own observations, on the training
-    # environments reset with a new seed (building Vision environments costs seconds each on a CPU)
+    # environments reset with a new seed (building Vision environments costs seconds each on a CPU); with
+    # --capture-video each counted episode's camera frames are written as an mp4
     eval_returns, eval_costs = [], []
     obs, _ = envs.reset(seed=args.seed + 10_000)
     state = wm.rssm.initial(args.num_envs, device)
     prev = torch.zeros(args.num_envs, action_dim, device=device)
+    frames = [[video_frame(obs[i])] if args.capture_video else [] for i in range(args.num_envs)]
     while len(eval_returns) < args.eval_episodes:
-        with torch.no_grad():
-            embed = wm.encoder(wm.preprocess(torch.as_tensor(obs, device=device)))
-            state, _ = wm.rssm.obs_step(state, prev, embed)
-            prev = agent.actor(state["stoch"], deterministic=True)
+        prev, state = policy_step(wm, agent, torch.as_tensor(obs, device=device), state, prev, "eval")
         obs, _, _, terminated, truncated, info = envs.step(to_env(prev.cpu().numpy()))
-        keep = torch.as_tensor(~np.logical_or(terminated, truncated), device=device, dtype=torch.float32)[:, None]
+        done = np.logical_or(terminated, truncated)
+        keep = torch.as_tensor(~done, device=device, dtype=torch.float32)[:, None]
         state, prev = {k: v * keep for k, v in state.items()}, prev * keep
-        for _, episode in finished_episodes(info):
+        if args.capture_video:
+            for i in range(args.num_envs):
+                frames[i].append(video_frame(info["final_observation"][i] if done[i] else obs[i]))
+        for i, episode in finished_episodes(info):
             if len(eval_returns) < args.eval_episodes:
-                eval_returns.append(episode["r"])
-                eval_costs.append(episode["c"])
+                eval_returns.append(float(episode["r"]))
+                eval_costs.append(float(episode["c"]))
                 logger.log_episode(global_step, episode["r"], episode["c"], episode["l"], prefix="eval")
+                if args.capture_video:  # real time: Safety-Gymnasium's 30 frames/s over the action repeat
+                    save_video(frames[i], video_path(logger.run_dir, "eval", len(eval_returns) - 1),
+                               fps=max(1, round(30 / args.action_repeat)))
+            frames[i] = [video_frame(obs[i])] if args.capture_video else []  # the next episode's first frame
     if eval_returns:
-        print(f"eval: {len(eval_returns)} episodes, return {np.mean(eval_returns):.2f}, cost {np.mean(eval_costs):.2f}",
-              flush=True)
+        print(f"eval: {len(eval_returns)} episodes, return {np.mean(eval_returns):.2f}, cost {np.mean(eval_costs):.2f}"
+              + (f"; videos in {os.path.join(logger.run_dir, 'videos')}" if args.capture_video else ""), flush=True)
     envs.close()
+
+    # summary.json: what a sweep compares (sps over the training loop of every segment of a resumed run)
+    extras = {"lagrange_multiplier": lagrange_state["lagrange"].item(), "penalty": lagrange_state["penalty"].item()} \
+        if args.constraint == "lagrangian" else {}
+    path = write_summary(
+        logger.run_dir, args, script="latent_barrier", start_time=start_time - wall_seconds, env_id=env_id,
+        total_steps=global_step, eval_return=float(np.mean(eval_returns)) if eval_returns else None,
+        eval_cost=float(np.mean(eval_costs)) if eval_returns else None,
+        train_cost=train_cost_sum / train_episodes if train_episodes else None, train_episodes=train_episodes,
+        train_violating_episodes=train_violating_episodes, cost_limit=args.cost_limit, cost_rate=logger.cost_rate,
+        sps=global_step / max(train_seconds, 1e-9), eval_returns=eval_returns, eval_costs=eval_costs, updates=updates,
+        constraint=args.constraint, beta=args.beta, resumed=resumed is not None, **extras)
+    print(f"summary: {path}", flush=True)
     logger.close()

@@ -69,7 +69,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict, identity: dict) -> int
     """Write {"identity": identity, "state": state} atomically to `path`. Returns the file's size in bytes."""
     path = Path(path)
     buffer = io.BytesIO()
-    torch.save({"identity": identity, "state": state}, buffer)
+    # protocol 4 writes bytes (pack_array's compressed rows) as they are; torch's default protocol 2 stores them as a
+    # latin-1 string, about 1.5 times as large (measured on random bytes: 4.5 MB for 3.0 MB)
+    torch.save({"identity": identity, "state": state}, buffer, pickle_protocol=4)
     payload = buffer.getvalue()
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:

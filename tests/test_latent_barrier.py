@@ -3,7 +3,14 @@ loss, gradient routing, the one-member RSSM against a plain RSSM, input checks, 
 and smoke runs of the real script."""
 
 import dataclasses
+import json
+import runpy
+import shutil
+import subprocess
+import sys
+import types
 import unittest.mock
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -28,7 +35,9 @@ from latent_barrier import (
     validate,
     world_model_loss,
 )
-from conftest import forbid_host_syncs, read_scalars, run_dirs, run_script
+from common.checkpoint import read_checkpoint, save_checkpoint, set_rng_state, unpack_array
+from common.summary import REQUIRED
+from conftest import REPO, forbid_host_syncs, read_scalars, run_dirs, run_script, run_until_killed
 
 TINY = dict(deter_dim=16, stoch_dim=4, hidden_dim=16, cnn_depth=4, head_units=16, actor_units=16, value_units=16,
             barrier_units=16, imag_horizon=4)
@@ -356,7 +365,8 @@ def test_last_substep_costs_read_through_a_vector_env_and_its_auto_reset():
     (dict(lambda_=1.5), "--lambda_ must be in"),
     (dict(bit_depth=9), "--bit-depth must be in 1..8"),
     (dict(store_chunk=10), "--store-chunk"),
-    (dict(capture_video=True), "--capture-video is not supported"),
+    (dict(checkpoint_every=-1), "--checkpoint-every must be >= 0"),
+    (dict(capture_video=True, eval_episodes=0), "--capture-video records the final evaluation episodes"),
     (dict(env_id="SafetyPointGaol1"), "Closest valid ids: SafetyPointGoal1"),
     (dict(env_id="SafetyHalfCheetahVelocity"), "has no vision camera"),
 ])
@@ -450,8 +460,8 @@ def tiny_flags(**kw):
     return out
 
 
-def test_smoke_latent_barrier_with_eval_and_save(tmp_path):
-    run_script("latent_barrier.py", "--env-id", "SafetyPointGoal1", "--save-model", *tiny_flags(
+def test_smoke_latent_barrier_with_eval_video_summary_and_save(tmp_path):
+    run_script("latent_barrier.py", "--env-id", "SafetyPointGoal1", "--save-model", "--capture-video", *tiny_flags(
         total_timesteps=200, warmup_steps=100, train_every=50, store_chunk=30, eval_episodes=1), cwd=tmp_path)
     (run,) = run_dirs(tmp_path)
     assert run.name.startswith("SafetyPointGoal1-v0__latent_barrier__1__")
@@ -466,6 +476,24 @@ def test_smoke_latent_barrier_with_eval_and_save(tmp_path):
         assert all(np.isfinite(v) for _, v in s[tag]), tag
     assert s["charts/updates"][-1][1] == 6  # rounds at env steps 100, 150, 200 (first stored chunk at ~58): 2 each
     assert (run / "latent_barrier.cleanrl_model").exists()
+    # --capture-video: the evaluation episode (1,000 env steps = 500 agent steps, its first frame too) as an mp4 of
+    # the agent's 64x64 camera enlarged 4x
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(run / "videos" / "eval-episode-0.mp4")
+    assert reader.count_frames() == 501 and reader.get_data(0).shape == (256, 256, 3)
+    reader.close()
+    # summary.json: the required keys, and the values the run logged
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(REQUIRED) <= set(summary) and summary["method"] == "latent_barrier" and summary["seed"] == 1
+    assert summary["env_id"] == "SafetyPointGoal1-v0" and summary["total_steps"] == 200 and summary["updates"] == 6
+    assert summary["eval_returns"] == pytest.approx([v for _, v in s["eval/episodic_return"]], rel=1e-6)
+    assert summary["eval_return"] == pytest.approx(s["eval/episodic_return"][0][1], rel=1e-6)
+    assert summary["eval_cost"] == pytest.approx(s["eval/episodic_cost"][0][1], rel=1e-6)
+    # no training episode ends in 200 env steps (episodes are 1,000): none counted, no mean cost
+    assert summary["train_episodes"] == len(s.get("charts/episodic_return", [])) == 0 and summary["train_cost"] is None
+    assert summary["cost_limit"] == 25.0 and summary["cost_rate"] == pytest.approx(s["charts/cost_rate"][-1][1])
+    assert summary["sps"] > 0 and summary["git_commit"] and summary["args"]["capture_video"] is True
 
 
 def test_smoke_lagrangian_baseline_with_the_authors_cost(tmp_path):
@@ -477,3 +505,159 @@ def test_smoke_lagrangian_baseline_with_the_authors_cost(tmp_path):
     s = read_scalars(run)
     assert "charts/lagrange_multiplier" in s and "charts/slack" in s and s["charts/updates"][-1][1] == 4
     assert not any(tag.startswith("losses/barrier") for tag in s)
+
+
+# ---- resume (issue 15): a run killed after its checkpoint continues from it -----------------------------------------
+
+# 200 env steps (action repeat 2), a checkpoint at 100; chunks of 30 rows are stored at env steps 58, 118, 178 in an
+# uninterrupted run; update rounds (2 updates each) at 100 (the first with a stored chunk), 150 and 200
+RESUME_FLAGS = tiny_flags(total_timesteps=200, warmup_steps=50, train_every=50, store_chunk=30, eval_episodes=0,
+                          checkpoint_every=100)
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """A tiny run SIGKILLed right after its checkpoint at env step 100 (read-only: tests copy it)."""
+    cwd = tmp_path_factory.mktemp("killed")
+    return run_until_killed("latent_barrier.py", "--env-id", "SafetyPointGoal1", *RESUME_FLAGS, cwd=cwd)
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "runs" / run.name
+    shutil.copytree(run, target)
+    return target
+
+
+def script_optimisers(args: Args, wm: WorldModel, agent: Agent) -> dict:
+    """The three Adams as the script builds them (the value's with a second group for the cost value)."""
+    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, eps=args.adam_eps)  # noqa: E731
+    return {"model": adam(wm.parameters(), args.model_lr), "policy": adam(agent.policy_parameters(), args.actor_lr),
+            "value": adam([{"params": list(agent.value.parameters()), "lr": args.value_lr}]
+                          + ([{"params": list(agent.cost_value.parameters()), "lr": args.cost_value_lr}]
+                             if agent.cost_value is not None else []), args.value_lr)}
+
+
+def models_from_checkpoint(state: dict):
+    """The script's models, optimisers, multipliers and replay, built as the script builds them, loaded from a
+    checkpoint's state."""
+    args = Args(**state["args"])
+    wm, agent = WorldModel(2, args), Agent(args.stoch_dim, 2, args)  # the Point robot: 2 actions
+    optimisers = script_optimisers(args, wm, agent)
+    lagrange = {"lagrange": torch.tensor(args.initial_lagrangian), "penalty": torch.tensor(args.initial_penalty)}
+    buffer = lb.EpisodeBuffer(args.buffer_capacity, seed=args.seed)
+    logger = types.SimpleNamespace(load_state_dict=lambda s: None)
+    counters = lb.load_checkpoint_state(state, wm, agent, optimisers, lagrange, buffer, logger)
+    return args, wm, agent, optimisers, lagrange, buffer, counters
+
+
+def test_kill_and_resume_reaches_the_end_and_its_first_update_is_the_checkpoints(killed_run, tmp_path):
+    run = copy_run(killed_run, tmp_path)
+    saved = read_checkpoint(run / "checkpoint.pt")
+    state = saved["state"]
+    assert saved["identity"]["script"] == "latent_barrier" and saved["identity"]["env_id"] == "SafetyPointGoal1-v0"
+    assert state["step"] == 100 and state["counters"]["updates"] == 2 and state["counters"]["next_train"] == 150
+    # resumed with a longer run (a flag a resume may change): 250 env steps instead of 200
+    proc = run_script("latent_barrier.py", "--resume", str(run), "--total-timesteps", "250", cwd=tmp_path)
+    assert "resuming" in proc.stdout and "at step 100 (training, 2 updates, 30 replayed rows)" in proc.stdout
+    assert "global_step=250/250 (100%)" in proc.stdout
+
+    # the run reaches its end, in the same directory and on the same curves (no doubled stretch)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["total_steps"] == 250 and summary["updates"] == 8 and summary["resumed"] is True
+    s = read_scalars(run)
+    assert s["charts/updates"] == [(100, 2.0), (150, 4.0), (200, 6.0), (250, 8.0)]
+    final = read_checkpoint(run / "checkpoint.pt")["state"]
+    assert final["step"] == 250 and final["counters"]["updates"] == 8
+    # the replay: the checkpoint's chunk, then the chunks stored after the reset (30 rows each, at env steps 158 and
+    # 218; an uninterrupted run stores its chunks at 58, 118, 178, 238)
+    episodes = final["buffer"]["episodes"]
+    assert [len(unpack_array(e["reward"])) for e in episodes] == [30, 30, 30]
+    assert np.array_equal(unpack_array(episodes[0]["obs"]), unpack_array(state["buffer"]["episodes"][0]["obs"]))
+
+    # the first update after resuming (env step 150) equals the update the checkpoint's state gives on the batch its
+    # restored replay samples, after the same random draws: 25 acting steps (filter noise, exploration noise)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the script's --torch-threads 1: the same float reductions
+    try:
+        args, wm, agent, optimisers, lagrange, buffer, _ = models_from_checkpoint(state)
+        set_rng_state(state["rng"])
+        obs, filt, prev = torch.zeros(1, 3, 64, 64, dtype=torch.uint8), wm.rssm.initial(1, "cpu"), torch.zeros(1, 2)
+        for _ in range((150 - 100) // 2):
+            prev, filt = lb.policy_step(wm, agent, obs, filt, prev, "explore", args.action_noise)
+        budget = safety_budget(args.cost_limit, args.episode_length, args.action_repeat, args.repeat_cost,
+                               args.cost_gamma)
+        metrics = lb.update(wm, agent, *optimisers.values(), lagrange, buffer.sample(args.batch_size,
+                            args.sequence_length), args=args, budget=budget)
+    finally:
+        torch.set_num_threads(threads)
+    # the policy loss follows the model's first Adam step: 1e-4 apart if the Adam moments were not restored
+    for tag in ("model_loss", "policy_loss", "value_loss"):
+        ((step, logged),) = s[f"resume/first_{tag}"]
+        assert step == 150 and logged == pytest.approx(metrics[f"losses/{tag}"].item(), rel=1e-6), tag
+
+
+def test_checkpoint_state_round_trip_with_multipliers_and_without_the_replay(tmp_path):
+    args, wm, agent, _, lagrange = tiny_models(0, constraint="lagrangian")
+    optimisers = script_optimisers(args, wm, agent)
+    for p in [*wm.parameters(), *agent.parameters()]:
+        p.grad = torch.rand_like(p)
+    for opt in optimisers.values():
+        opt.step()  # Adam moments to restore
+    lagrange["lagrange"].fill_(0.25)
+    lagrange["penalty"].fill_(3e-3)
+    buffer = lb.EpisodeBuffer(1000, seed=0)
+    buffer.add_episode({"obs": np.full((12, 3, 64, 64), 7, np.uint8), "reward": np.arange(12, dtype=np.float32)})
+    buffer.sample(2, 4)  # advance the sampling RNG
+    logger = types.SimpleNamespace(state_dict=lambda: {"steps_seen": 10})
+    for with_buffer in (True, False):
+        state = lb.checkpoint_state(wm, agent, optimisers, lagrange, buffer, logger, {"updates": 3}, with_buffer)
+        save_checkpoint(tmp_path / "c.pt", {**state, "args": dataclasses.asdict(args)}, {})
+        restored = models_from_checkpoint(read_checkpoint(tmp_path / "c.pt")["state"])
+        _, wm2, agent2, opts2, lagrange2, buffer2, counters = restored
+        assert counters == {"updates": 3}
+        assert lagrange2["lagrange"].item() == 0.25 and lagrange2["penalty"].item() == pytest.approx(3e-3)
+        for a, b in zip([*wm.parameters(), *agent.parameters()], [*wm2.parameters(), *agent2.parameters()]):
+            assert torch.equal(a, b)
+        for name, opt in optimisers.items():
+            ours, theirs = opt.state_dict()["state"], opts2[name].state_dict()["state"]
+            assert ours.keys() == theirs.keys() and all(torch.equal(ours[k]["exp_avg_sq"], theirs[k]["exp_avg_sq"])
+                                                        for k in ours)
+        # the replay (with --no-checkpoint-buffer: empty, refilled by the resumed run) and its sampling RNG
+        assert len(buffer2) == (12 if with_buffer else 0)
+        assert buffer2.rng.bit_generator.state == buffer.rng.bit_generator.state
+        if with_buffer:
+            assert torch.equal(buffer2.sample(3, 4)["reward"], buffer.sample(3, 4)["reward"])  # the same windows
+
+
+def run_main(monkeypatch, cwd, *argv):
+    """The script's main block in this process (its input checks stop before anything is built)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["latent_barrier.py", *argv])
+    runpy.run_path(str(REPO / "latent_barrier.py"), run_name="__main__")
+
+
+def test_resume_of_a_missing_or_foreign_run_is_a_message(killed_run, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="--resume runs/nope: no such run directory"):
+        run_main(monkeypatch, tmp_path, "--resume", "runs/nope")
+    (tmp_path / "runs" / "empty").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no checkpoint.pt in it"):
+        run_main(monkeypatch, tmp_path, "--resume", "runs/empty")
+    with pytest.raises(SystemExit, match="flags differ from the run's .*--env-id: the run has 'SafetyPointGoal1', "
+                                         "given 'SafetyCarGoal1'"):
+        run_main(monkeypatch, tmp_path, "--resume", str(killed_run), "--env-id", "SafetyCarGoal1")
+    # a checkpoint whose identity is another env's (e.g. a file copied between runs): refused, naming the entry
+    run = copy_run(killed_run, tmp_path)
+    saved = read_checkpoint(run / "checkpoint.pt")
+    save_checkpoint(run / "checkpoint.pt", saved["state"], {**saved["identity"], "env_id": "SafetyCarGoal1-v0"})
+    with pytest.raises(SystemExit, match="env_id: checkpoint 'SafetyCarGoal1-v0', now 'SafetyPointGoal1-v0'"):
+        run_main(monkeypatch, tmp_path, "--resume", str(run))
+
+
+def test_a_truncated_checkpoint_is_refused_not_loaded(killed_run, tmp_path):
+    run = copy_run(killed_run, tmp_path)
+    data = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # cut short on disk
+    proc = subprocess.run([sys.executable, str(REPO / "latent_barrier.py"), "--resume", str(run)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "truncated or corrupt" in proc.stderr and "it was not loaded" in proc.stderr
+    assert "Traceback" not in proc.stderr
