@@ -586,6 +586,7 @@ def run_gridworld(args: Args, logger: Logger, resumed: dict | None = None) -> di
 
     def checkpoint_state() -> dict:
         """What the next episodes depend on (the episodes in progress are left out)."""
+        logger.writer.flush()  # the curves up to the checkpoint are on disk before it is (a kill loses no stretch)
         return {"Q": Q, "U": U, "visited": visited, "fear": None if fear is None else (fear.danger, fear.safe),
                 "progression": progression.state_dict(), "episodes_done": episodes_done, "global_step": global_step,
                 "violations": (violations, violation_steps, sg_violations), "curves": curves,
@@ -614,6 +615,7 @@ def run_gridworld(args: Args, logger: Logger, resumed: dict | None = None) -> di
         logger.scalar("charts/safeguard_index", progression.safeguard, 0)
     checkpointer = Checkpointer(logger.run_dir, every, identity, start_step=episodes_done)
     t0, first_episode, first_step = time.time(), episodes_done, global_step
+    console_every = min(500, max(args.total_episodes // 10, 1))  # episodes between console lines
     while episodes_done < args.total_episodes:
         # start the episodes that need one; the progression moves on between episodes
         for i in np.flatnonzero(needs_start):
@@ -722,7 +724,7 @@ def run_gridworld(args: Args, logger: Logger, resumed: dict | None = None) -> di
             logger.scalar("charts/violation_steps", violation_steps, global_step)
             logger.scalar("charts/safeguard_violations", sg_violations, global_step)
             logger.scalar("charts/U_s0", curves["U_s0"][-1], global_step)
-            if episodes_done % 500 < done.sum():  # the budget is in episodes: their share done and the ETA
+            if episodes_done % console_every < done.sum():  # the budget is in episodes: their share done, the ETA
                 eta = (args.total_episodes - episodes_done) * (time.time() - t0) / max(episodes_done - first_episode, 1)
                 logger.console(global_step, f"episodes={episodes_done}/{args.total_episodes} "
                                f"({100 * episodes_done / args.total_episodes:.0f}%) ETA {format_eta(eta)} safeguard="
@@ -1014,6 +1016,7 @@ def run_vizdoom(args: Args, logger: Logger, resumed: dict | None = None) -> dict
 
     def checkpoint_state() -> dict:
         """Networks, optimisers, progression, counters; the fear memory unless --no-checkpoint-buffer."""
+        logger.writer.flush()  # the curves up to the checkpoint are on disk before it is (a kill loses no stretch)
         memory = None
         if fear_net is not None and args.checkpoint_buffer:
             memory = {k: pack_array(np.stack(m)) if m else None for k, m in (("danger", danger_mem), ("safe", safe_mem))}
