@@ -24,6 +24,16 @@ safeguard run as a monitor (gridworld) and the authors' fixed checks "in lava wi
 without the weapon" (ViZDoom), per episode and per step. Standard RL and intrinsic fear have no safeguard by
 default in both domains (the environment's reward, no stop at a violation), as the authors' ViZDoom runs.
 
+Long runs (issue 15): `--checkpoint-every N` writes runs/<run>/checkpoint.pt every N finished EPISODES for minecraft
+(its budget, --total-episodes, is counted in episodes) or every N ENV STEPS for vizdoom (--total-timesteps), and at
+the end of training; `--resume runs/<run>` continues the same run directory and TensorBoard curves under the
+safeguard it was killed in (finished safeguards are not redone). The environments are reset on resume: the episodes
+in progress are lost (a vizdoom checkpoint counts their violations, as a safeguard switch does). The plan (each
+safeguard with its budget) is printed at the start. `--capture-video` records the first evaluation episode as
+runs/<run>/videos/eval-episode-0.mp4. Every run ends by writing runs/<run>/summary.json: an episode's cost is the
+common metric below (gridworld: 0/1, vizdoom: 0-2 checks failed) and `cost_limit` is 0, as the paper has no cost
+budget: a run is unsafe once in the sink (eq. 4), so any violation puts an episode over the limit.
+
 Paper -> code:
 - def. 8-9 (safeguard, rejecting sink)  -> `Safeguard` (a table of rules), `SINK`
 - def. 10 (product state)               -> `ProductSpace` (global ids of safeguard states); `sg_state` beside `pos`
@@ -94,9 +104,9 @@ class Args:
     """whether to save the Q-table (minecraft) or the network (vizdoom) into the run directory"""
     checkpoint_every: int = -1
     """a checkpoint (runs/<run>/checkpoint.pt) every this many EPISODES for minecraft (its budget is counted in
-    episodes) or ENV STEPS for vizdoom, and at the end of training; -1: 1000 episodes (minecraft; 0.1 MiB, under
-    0.1 s) or 20480 steps (vizdoom, 20 PPO updates; 12 MiB, 0.2 s at --hidden-size 512, more with intrinsic fear's
-    frame memory); 0: only at the end"""
+    episodes) or ENV STEPS for vizdoom, and at the end of training; -1: 1000 episodes (minecraft; measured 0.2-0.7
+    MiB and 0.1-0.7 s each in a default run) or 20480 steps (vizdoom, 20 PPO updates; 10 MiB and 0.1 s at the default
+    sizes, up to 67 MiB and 2 s measured with intrinsic fear's frame memory); 0: only at the end"""
     checkpoint_buffer: bool = True
     """keep intrinsic fear's frame memory (vizdoom, up to 2 x 5000 frames) in the checkpoint; --no-checkpoint-buffer
     leaves it out (smaller files; a resumed run refills it). Q-learning and PPO have no replay buffer"""
