@@ -1222,6 +1222,8 @@ def run_vizdoom(args: Args, logger: Logger, resumed: dict | None = None) -> dict
 
 
 METHODS = ("psl", "zero-shot", "intrinsic-fear", "baseline")
+# flags a resumed run may change: the common ones, the gridworld's budget, and what is recorded (not what is computed)
+MAY_CHANGE_ON_RESUME = RESUMABLE_CHANGES + ("total_episodes", "capture_video", "save_model")
 
 
 def check_args(args: Args) -> None:
@@ -1255,7 +1257,7 @@ def check_args(args: Args) -> None:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     # --resume runs/<run>: that run's flags (a longer budget or another checkpoint interval may be given)
-    args, resumed = resume_run(args, "psl", RESUMABLE_CHANGES + ("total_episodes", "capture_video", "save_model"))
+    args, resumed = resume_run(args, "psl", MAY_CHANGE_ON_RESUME)
     check_args(args)
     start_time = time.time()
     # the gridworld's budget is in episodes (shown in the console line), ViZDoom's in env steps

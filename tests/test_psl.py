@@ -594,12 +594,14 @@ SAME_IN_BOTH = ("total_steps", "eval_return", "eval_cost", "train_cost", "train_
 
 
 def test_gridworld_killed_in_stage_3_and_resumed_is_the_uninterrupted_run(tmp_path):
+    # (the uninterrupted run also checks the plan, the console line, summary.json and the video)
     # One env: an episode that ends is the last thing of its vector step, so a checkpoint written then holds all the
     # run depends on (Q-tables, visited states, progression, counters, the env's RNG) and the resumed run must be
     # the uninterrupted run step for step: the same Q-tables (the first Q-update after resuming reads the saved
     # table), the same curves, the same summary. 10 episodes per safeguard: the kill at episode 25 is in safeguard 3.
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    run_script("psl.py", *GRID_RESUME, cwd=tmp_path / "a")
+    out = run_script("psl.py", *GRID_RESUME, "--capture-video", cwd=tmp_path / "a").stdout
+    _check_plan_summary_and_video(out, run_dirs(tmp_path / "a")[0])
     killed = run_until_killed("psl.py", *GRID_RESUME, cwd=tmp_path / "b")
     from common.checkpoint import read_checkpoint
 
@@ -623,17 +625,13 @@ def test_gridworld_killed_in_stage_3_and_resumed_is_the_uninterrupted_run(tmp_pa
     assert [v for _, v in sc_b["charts/safeguard_index"]] == [0.0, 1.0, 2.0, 3.0]
 
 
-def test_gridworld_prints_its_plan_progress_and_writes_summary_and_video(tmp_path):
-    proc = run_script("psl.py", "--method", "psl", "--progression", "fixed", "--total-episodes", "40",
-                      "--max-episode-steps", "30", "--num-envs", "4", "--eval-episodes", "5", "--capture-video",
-                      cwd=tmp_path)  # fmt: skip
-    out = proc.stdout
+def _check_plan_summary_and_video(out: str, run_dir: Path) -> None:
+    """The gridworld's plan, its console line, the summary.json it writes and the video of --capture-video."""
     assert "plan: psl on minecraft, 40 episodes of training in all (--total-episodes)" in out
     assert "safeguard 1/4 '1: never creeper, never lava (fig. 4a and 4b)': episodes 0-10" in out
     assert "safeguard 4/4" in out and "episodes 30-40" in out
-    assert "checkpoint every 1000 episodes and at the end of training" in out  # the default interval
+    assert "checkpoint every 25 episodes and at the end of training" in out
     assert "episodes=4/40 (10%) ETA " in out  # a console line every tenth of the budget, with an ETA
-    (run_dir,) = run_dirs(tmp_path)
     videos = list((run_dir / "videos").glob("*.mp4"))
     assert [v.name for v in videos] == ["eval-episode-0.mp4"] and videos[0].stat().st_size > 1000
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -645,7 +643,7 @@ def test_gridworld_prints_its_plan_progress_and_writes_summary_and_video(tmp_pat
     assert summary["train_episodes"] == len(costs) == 40
     assert summary["train_violating_episodes"] == sum(c > 0 for c in costs)
     assert summary["train_cost"] == pytest.approx(np.mean(costs))
-    assert summary["total_steps"] >= sum(v for _, v in scalars["charts/episodic_length"])  # + unfinished episodes
+    assert summary["total_steps"] == sum(v for _, v in scalars["charts/episodic_length"])  # one env, all finished
     assert 0.0 <= summary["eval_cost"] <= 1.0 and len(summary["eval_returns"]) == 5 and summary["cost_limit"] == 0.0
     assert summary["eval_return"] == pytest.approx(np.mean(summary["eval_returns"]))
 
@@ -704,7 +702,7 @@ DOOM_RESUME = ["--env-id", "vizdoom", "--method", "psl", "--num-envs", "2", "--n
                "--doom-stage-fractions", "0.1", "0.9", "--total-timesteps", "128", "--checkpoint-every", "64"]
 
 
-def test_vizdoom_killed_in_stage_2_resumes_there_with_the_saved_networks(tmp_path, monkeypatch):
+def test_vizdoom_killed_in_stage_2_resumes_there_with_the_saved_networks(tmp_path, monkeypatch, capsys):
     import torch
 
     from common.checkpoint import read_checkpoint
@@ -716,40 +714,37 @@ def test_vizdoom_killed_in_stage_2_resumes_there_with_the_saved_networks(tmp_pat
     assert "global_step=32/128 (25%) SPS=" in out and "ETA" in out and "| no episode finished yet" in out
     before = read_checkpoint(run_dir / "checkpoint.pt")
     assert before["state"]["step"] == 64 and before["state"]["progression"]["stage"] == 1  # killed in safeguard 2
-    copy = tmp_path / "copy" / run_dir.name
-    shutil.copytree(run_dir, copy)
 
-    # as a user resumes it (with a video of the evaluation): the run reaches 128 steps in safeguard 2
-    proc = run_script("psl.py", "--resume", str(run_dir), "--capture-video", cwd=tmp_path)
-    assert f"resuming {run_dir} at step 64 (safeguard 2/3" in proc.stdout
-    summary = json.loads((run_dir / "summary.json").read_text())
+    # resumed as the script's main resumes it (here in this process, to watch its PPO updates), with a video
+    calls = []
+    real_loss = psl.ppo_loss
+
+    def spy(agent, *batch_and_args):  # the batch, the loss, and the weights the update starts from
+        out = real_loss(agent, *batch_and_args)
+        weights = {k: v.detach().clone() for k, v in agent.state_dict().items()}
+        calls.append(([t.clone() for t in batch_and_args[:-1]], out[0].detach().clone(), weights))
+        return out
+
+    monkeypatch.setattr(psl, "ppo_loss", spy)
+    args, resumed = psl.resume_run(psl.Args(resume=str(run_dir), capture_video=True), "psl",
+                                   psl.MAY_CHANGE_ON_RESUME)
+    logger = psl.Logger(run_dir.name, args, root=str(run_dir.parent), quiet=True, resume_step=64)
+    logger.load_state_dict(resumed["state"]["logger"])
+    summary = psl.run_vizdoom(args, logger, resumed)["summary"]
+    logger.close()
+    assert f"resuming {run_dir} at step 64 (safeguard 2/3" in capsys.readouterr().out
     assert summary["total_steps"] == 128 and summary["switches"] == [32]  # the switch to safeguard 2 happened once
     scalars = read_scalars(run_dir)
     assert scalars["charts/safeguard_index"] == [(32, 0.0), (64, 1.0), (96, 1.0), (128, 1.0)]
     assert summary["train_episodes"] == len(scalars["charts/episodic_return"])
     assert list((run_dir / "videos").glob("eval-episode-0.mp4"))
 
-    # in this process, from the copy: the first PPO loss after resuming is the saved networks' loss on that batch,
-    # and the first update is the saved Adam state's step (the optimiser was restored, not rebuilt)
-    calls = []
-    real_loss = psl.ppo_loss
-
-    def spy(agent, *batch_and_args):
-        out = real_loss(agent, *batch_and_args)
-        calls.append(([t.clone() for t in batch_and_args[:-1]], out[0].detach().clone()))
-        return out
-
-    monkeypatch.setattr(psl, "ppo_loss", spy)
-    args, resumed = psl.resume_run(psl.Args(resume=str(copy), total_timesteps=96), "psl")
-    logger = psl.Logger(copy.name, args, root=str(copy.parent), quiet=True, resume_step=64)
-    logger.load_state_dict(resumed["state"]["logger"])
-    psl.run_vizdoom(args, logger, resumed)
-    logger.close()
-    after = read_checkpoint(copy / "checkpoint.pt")["state"]
-    assert after["step"] == 96 and len(calls) == 1
+    # the first PPO loss after resuming is the saved networks' loss on that batch, and the first update is the saved
+    # Adam state's step (the optimiser was restored, not rebuilt)
+    assert len(calls) == 2
     agent = psl.Agent(6, len(ProductSpace(DOOM_SAFEGUARDS).names), len(psl.DOOM_ACTIONS), 32)
     agent.load_state_dict(before["state"]["agent"])
-    batch, logged_loss = calls[0]
+    batch, logged_loss, _ = calls[0]
     loss, *_ = real_loss(agent, *batch, args)
     assert torch.equal(loss.detach(), logged_loss)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
@@ -759,4 +754,4 @@ def test_vizdoom_killed_in_stage_2_resumes_there_with_the_saved_networks(tmp_pat
     torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
     optimizer.step()
     for name, value in agent.state_dict().items():
-        torch.testing.assert_close(value, after["agent"][name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(value, calls[1][2][name], rtol=0, atol=0, msg=name)
