@@ -755,3 +755,31 @@ def test_vizdoom_killed_in_stage_2_resumes_there_with_the_saved_networks(tmp_pat
     optimizer.step()
     for name, value in agent.state_dict().items():
         torch.testing.assert_close(value, calls[1][2][name], rtol=0, atol=0, msg=name)
+
+
+def test_vizdoom_intrinsic_fear_memory_survives_a_resume_unless_left_out(tmp_path):
+    from common.checkpoint import read_checkpoint, unpack_array
+
+    kw = dict(env_id="vizdoom", method="intrinsic-fear", num_envs=2, num_steps=16, doom_episode_tics=80,
+              doom_eval_episodes=1, hidden_size=32, doom_workers=0, checkpoint_every=0)  # fmt: skip
+    for keep in (True, False):
+        args = psl.Args(total_timesteps=64, checkpoint_buffer=keep, **kw)
+        logger = psl.Logger(f"fear-{keep}", args, root=str(tmp_path / "runs"), quiet=True)
+        psl.run_vizdoom(args, logger)
+        logger.close()
+        run_dir = tmp_path / "runs" / f"fear-{keep}"
+        before = read_checkpoint(run_dir / "checkpoint.pt")["state"]
+        if not keep:  # --no-checkpoint-buffer: the memory is left out, the classifier is kept
+            assert before["fear_memory"] is None and before["fear_net"] is not None
+            continue
+        saved_safe = unpack_array(before["fear_memory"]["safe"])
+        assert len(saved_safe) > 0
+        args, resumed = psl.resume_run(psl.Args(resume=str(run_dir), total_timesteps=96), "psl",
+                                       psl.MAY_CHANGE_ON_RESUME)  # fmt: skip
+        logger = psl.Logger(run_dir.name, args, root=str(run_dir.parent), quiet=True, resume_step=64)
+        psl.run_vizdoom(args, logger, resumed)
+        logger.close()
+        after = read_checkpoint(run_dir / "checkpoint.pt")["state"]
+        after_safe = unpack_array(after["fear_memory"]["safe"])
+        assert after["step"] == 96 and len(after_safe) > len(saved_safe)  # the saved frames, then the new ones
+        np.testing.assert_array_equal(after_safe[: len(saved_safe)], saved_safe)
