@@ -1029,7 +1029,8 @@ def run_vizdoom(args: Args, logger: Logger, resumed: dict | None = None) -> dict
         logger.writer.flush()  # the curves up to the checkpoint are on disk before it is (a kill loses no stretch)
         memory = None
         if fear_net is not None and args.checkpoint_buffer:
-            memory = {k: pack_array(np.stack(m)) if m else None for k, m in (("danger", danger_mem), ("safe", safe_mem))}
+            memories = (("danger", danger_mem), ("safe", safe_mem))
+            memory = {k: pack_array(np.stack(m)) if m else None for k, m in memories}
         return {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "fear_memory": memory,
                 "fear_net": None if fear_net is None else fear_net.state_dict(),
                 "fear_opt": None if fear_opt is None else fear_opt.state_dict(),
