@@ -24,6 +24,16 @@ safeguard run as a monitor (gridworld) and the authors' fixed checks "in lava wi
 without the weapon" (ViZDoom), per episode and per step. Standard RL and intrinsic fear have no safeguard by
 default in both domains (the environment's reward, no stop at a violation), as the authors' ViZDoom runs.
 
+Long runs (issue 15): `--checkpoint-every N` writes runs/<run>/checkpoint.pt every N finished EPISODES for minecraft
+(its budget, --total-episodes, is counted in episodes) or every N ENV STEPS for vizdoom (--total-timesteps), and at
+the end of training; `--resume runs/<run>` continues the same run directory and TensorBoard curves under the
+safeguard it was killed in (finished safeguards are not redone). The environments are reset on resume: the episodes
+in progress are lost (a vizdoom checkpoint counts their violations, as a safeguard switch does). The plan (each
+safeguard with its budget) is printed at the start. `--capture-video` records the first evaluation episode as
+runs/<run>/videos/eval-episode-0.mp4. Every run ends by writing runs/<run>/summary.json: an episode's cost is the
+common metric below (gridworld: 0/1, vizdoom: 0-2 checks failed) and `cost_limit` is 0, as the paper has no cost
+budget: a run is unsafe once in the sink (eq. 4), so any violation puts an episode over the limit.
+
 Paper -> code:
 - def. 8-9 (safeguard, rejecting sink)  -> `Safeguard` (a table of rules), `SINK`
 - def. 10 (product state)               -> `ProductSpace` (global ids of safeguard states); `sg_state` beside `pos`
@@ -67,6 +77,11 @@ import torch.nn.functional as F
 import tyro
 
 from common import Logger, check_choice, check_finite, check_positive, get_device, layer_init, seed_everything
+from common.checkpoint import (CHECKPOINT_NAME, RESUMABLE_CHANGES, Checkpointer, check_identity, pack_array,
+                               resume_run, set_rng_state, unpack_array)
+from common.logger import format_eta
+from common.summary import write_summary
+from common.video import save_video, video_path
 from common.doom import ACTIONS as DOOM_ACTIONS
 from common.doom import DOOR_Y, LAVA_Y, MAP_WIDTH, DoomVecEnv, write_wad
 
@@ -82,9 +97,22 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be enabled by default (vizdoom only; the gridworld is tabular numpy)"""
     capture_video: bool = False
-    """unused here (kept for the common block); ViZDoom frames are not recorded"""
+    """record the first evaluation episode as runs/<run>/videos/eval-episode-0.mp4: minecraft, the first greedy test
+    episode drawn as a 160x160 image (16 px per cell, the agent blue, red once it violates); vizdoom, the first
+    evaluation episode as the agent sees it (the 160x120 screen buffer halved to 80x60 RGB, upscaled 4x to 320x240)"""
     save_model: bool = False
     """whether to save the Q-table (minecraft) or the network (vizdoom) into the run directory"""
+    checkpoint_every: int = -1
+    """a checkpoint (runs/<run>/checkpoint.pt) every this many EPISODES for minecraft (its budget is counted in
+    episodes) or ENV STEPS for vizdoom, and at the end of training; -1: 1000 episodes (minecraft; measured 0.2-0.7
+    MiB and 0.1-0.7 s each in a default run) or 20480 steps (vizdoom, 20 PPO updates; 10 MiB and 0.1 s at the default
+    sizes, up to 67 MiB and 2 s measured with intrinsic fear's frame memory); 0: only at the end"""
+    checkpoint_buffer: bool = True
+    """keep intrinsic fear's frame memory (vizdoom, up to 2 x 5000 frames) in the checkpoint; --no-checkpoint-buffer
+    leaves it out (smaller files; a resumed run refills it). Q-learning and PPO have no replay buffer"""
+    resume: str | None = None
+    """a run directory runs/<run> to continue; its flags are used, only --total-episodes/--total-timesteps/
+    --checkpoint-every/... may change. The environments are reset: the episodes in progress are lost"""
 
     # Algorithm specific arguments
     env_id: str = "minecraft"
@@ -115,7 +143,8 @@ class Args:
 
     # Gridworld (tabular Q-learning)
     total_episodes: int = 5000
-    """gridworld: training episodes over the whole progression"""
+    """gridworld: training episodes over the whole progression, all safeguards together (--total-timesteps is not
+    used here)"""
     stage_episodes: int = 0
     """gridworld: the fixed budget of each safeguard but the last, in episodes (0 = an equal share of
     --total-episodes; the authors' code uses 1666, which leaves 2 of 5000 episodes to its 4th safeguard)"""
@@ -149,7 +178,8 @@ class Args:
 
     # ViZDoom (synchronous PPO on RGB frames)
     total_timesteps: int = 100_000
-    """vizdoom: total agent steps (each repeats the action doom_frame_skip frames)"""
+    """vizdoom: agent steps over the whole progression, all safeguards together (each step repeats the action
+    doom_frame_skip frames); unused by minecraft, whose budget is --total-episodes"""
     doom_stage_fractions: tuple[float, float] = (0.0625, 0.375)
     """vizdoom: end of safeguards 0 and 1 as fractions of the budget (the authors: 2.5M and 15M of 40M frames)"""
     doom_eval_episodes: int = 8
@@ -340,6 +370,38 @@ class Progression:
             return True
         return False
 
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "values": list(self.values), "switches": list(self.switches)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage, self.values, self.switches = state["stage"], list(state["values"]), list(state["switches"])
+
+
+def print_plan(args: Args, safeguards: list[Safeguard], order: list[int], ends: list[int], guarded: bool,
+               unit: str, evaluation: str, checkpoint_every: int, run_dir: str) -> None:
+    """The run's plan at the start: each safeguard of the progression with its budget, the evaluation, checkpoints."""
+    budget = "--total-episodes" if unit == "episodes" else "--total-timesteps"
+    print(f"plan: {args.method} on {args.env_id}, {ends[-1]} {unit} of training in all ({budget}), then {evaluation}")
+    start = 0
+    for k, (sg, end) in enumerate(zip(order, ends)):
+        if not guarded:
+            print(f"  {unit} 0-{end}: no safeguard in force (the environment's reward; violations counted by the "
+                  f"final safeguard '{safeguards[sg].name}')")
+            break
+        early = " or earlier, once its new states' values settle" if args.progression == "converge" else ""
+        last = k == len(order) - 1
+        print(f"  safeguard {k + 1}/{len(order)} '{safeguards[sg].name}': {unit} {start}-{end}{'' if last else early}")
+        start = end
+    every = f"every {checkpoint_every} {unit} and " if checkpoint_every else ""
+    print(f"  checkpoint {every}at the end of training -> {os.path.join(run_dir, CHECKPOINT_NAME)}", flush=True)
+
+
+def checkpoint_interval(args: Args) -> int:
+    """--checkpoint-every, -1 resolved: 1000 episodes (minecraft), 20 PPO updates of the default size (vizdoom)."""
+    if args.checkpoint_every >= 0:
+        return args.checkpoint_every
+    return 1000 if args.env_id == "minecraft" else 20 * 1024
+
 
 # ------------------------------------------------------------------------------------------------------
 # The Minecraft-inspired gridworld (authors' layout 1) and their four safeguards (paper fig. 4a-4e)
@@ -473,8 +535,28 @@ def safety_probability(P: np.ndarray | None, table: np.ndarray, slip: float, hor
     return float(np.dot(GRID_LAYOUT_P, start_value))
 
 
-def run_gridworld(args: Args, logger: Logger) -> dict:
-    """Algorithm 1 with tabular Q-learning on the product of the gridworld and the safeguard in force."""
+def grid_frame(label_map: np.ndarray, pos, violated: bool, cell: int = 16) -> np.ndarray:
+    """The gridworld as an RGB image (--capture-video): each cell a square coloured by its label, the agent a blue
+    square inside its cell (red once it has violated the final safeguard). 10 x 10 cells of 16 px: 160 x 160."""
+    image = GRID_COLOURS[label_map].repeat(cell, 0).repeat(cell, 1)
+    r, c, m = pos[0] * cell, pos[1] * cell, cell // 4
+    image[r + m : r + cell - m, c + m : c + cell - m] = (220, 30, 30) if violated else (40, 90, 255)
+    return image
+
+
+GRID_COLOURS = np.array([  # safe, lava, creeper, wood, iron, work_bench, smith_table, diamond
+    (235, 235, 225), (250, 120, 0), (60, 170, 60), (140, 90, 40), (170, 170, 185), (210, 180, 120), (80, 80, 90),
+    (80, 220, 230)], dtype=np.uint8)  # fmt: skip
+
+
+def run_gridworld(args: Args, logger: Logger, resumed: dict | None = None) -> dict:
+    """Algorithm 1 with tabular Q-learning on the product of the gridworld and the safeguard in force.
+
+    `resumed` (from `resume_run`): continue from its checkpoint, which is written every --checkpoint-every finished
+    episodes at the end of a vector step (after its logging): the Q-tables, the safety-bias bookkeeping (visited
+    product states), the progression (which safeguard, its recorded values), the fear counts, the counters, the
+    environments' random generator and the logger's state. The episodes in progress are not saved: the resumed run
+    starts new ones (their Q-updates so far are kept)."""
     rng = np.random.default_rng(args.seed)
     safeguards, final = MINECRAFT_SAFEGUARDS, len(MINECRAFT_SAFEGUARDS) - 1
     order = list(range(len(safeguards))) if args.method == "psl" else [final]
@@ -511,8 +593,39 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
     curves = {"V_s0": [], "U_s0": [], "violations": [], "violation_steps": [], "safety_probability": []}
     stage_values = {}
     cost_steps = []
-    logger.scalar("charts/safeguard_index", progression.safeguard, 0)
-    t0 = time.time()
+
+    def checkpoint_state() -> dict:
+        """What the next episodes depend on (the episodes in progress are left out)."""
+        logger.writer.flush()  # the curves up to the checkpoint are on disk before it is (a kill loses no stretch)
+        return {"Q": Q, "U": U, "visited": visited, "fear": None if fear is None else (fear.danger, fear.safe),
+                "progression": progression.state_dict(), "episodes_done": episodes_done, "global_step": global_step,
+                "violations": (violations, violation_steps, sg_violations), "curves": curves,
+                "stage_values": stage_values, "cost_steps": cost_steps, "env_rng": rng.bit_generator.state,
+                "logger": logger.state_dict()}  # fmt: skip
+
+    identity = {"script": "psl", "env_id": "minecraft", "method": args.method, "q_shape": list(Q.shape)}
+    every = checkpoint_interval(args)
+    print_plan(args, safeguards, order, ends, guarded, "episodes", f"{args.eval_episodes} greedy test episodes under "
+               "the final safeguard", every, logger.run_dir)  # fmt: skip
+    if resumed:  # the saved tables, counters and progression; new episodes start (those in progress are lost)
+        check_identity(resumed["identity"], identity, resumed["path"])
+        saved = resumed["state"]
+        Q[:], U[:], visited[:] = saved["Q"], saved["U"], saved["visited"]
+        if fear is not None:
+            fear.danger[:], fear.safe[:] = saved["fear"]
+        progression.load_state_dict(saved["progression"])
+        episodes_done, global_step, curves = saved["episodes_done"], saved["global_step"], saved["curves"]
+        violations, violation_steps, sg_violations = saved["violations"]
+        stage_values, cost_steps, episodes_started = saved["stage_values"], list(saved["cost_steps"]), episodes_done
+        rng.bit_generator.state = saved["env_rng"]
+        set_rng_state(saved["rng"])
+        print(f"resuming {resumed['run_dir']} at episode {episodes_done} ({global_step} env steps; safeguard "
+              f"{progression.stage + 1}/{len(order)} '{safeguards[progression.safeguard].name}')", flush=True)
+    else:
+        logger.scalar("charts/safeguard_index", progression.safeguard, 0)
+    checkpointer = Checkpointer(logger.run_dir, every, identity, start_step=episodes_done)
+    t0, first_episode, first_step = time.time(), episodes_done, global_step
+    console_every = min(500, max(args.total_episodes // 10, 1))  # episodes between console lines
     while episodes_done < args.total_episodes:
         # start the episodes that need one; the progression moves on between episodes
         for i in np.flatnonzero(needs_start):
@@ -621,12 +734,18 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
             logger.scalar("charts/violation_steps", violation_steps, global_step)
             logger.scalar("charts/safeguard_violations", sg_violations, global_step)
             logger.scalar("charts/U_s0", curves["U_s0"][-1], global_step)
-            if episodes_done % 500 < done.sum():
-                logger.console(global_step, f"episodes={episodes_done}/{args.total_episodes} safeguard="
+            if episodes_done % console_every < done.sum():  # the budget is in episodes: their share done, the ETA
+                eta = (args.total_episodes - episodes_done) * (time.time() - t0) / max(episodes_done - first_episode, 1)
+                logger.console(global_step, f"episodes={episodes_done}/{args.total_episodes} "
+                               f"({100 * episodes_done / args.total_episodes:.0f}%) ETA {format_eta(eta)} safeguard="
                                f"{progression.safeguard + 1} V(s0)={curves['V_s0'][-1]:.3f} violations={violations}")
+        if checkpointer.due(episodes_done) and episodes_done < args.total_episodes:  # (the last one: below)
+            # at the end of a vector step, after its logging; the interval is counted in episodes
+            checkpointer.save(episodes_done, checkpoint_state(), args)
     logger.console(global_step, f"episodes={episodes_done} violations={violations}")
     check_finite("Q-table", torch.as_tensor(Q))
     train_time = time.time() - t0
+    checkpointer.save(episodes_done, checkpoint_state(), args)  # the end of training, before the final test
 
     # Final test: the authors' 100 greedy episodes under the final safeguard (success = no violation in
     # max_episode_steps), and the same quantity exactly, with the best possible value beside it
@@ -636,14 +755,19 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
     tq = np.full(args.eval_episodes, start)
     alive = np.ones(args.eval_episodes, dtype=bool)
     ret = np.zeros(args.eval_episodes)
+    frames = [grid_frame(test_env.maps[test_env.layout[0]], test_env.pos[0], False)] if args.capture_video else []
     for _ in range(args.max_episode_steps):
         a = greedy(P[tq, test_env.pos[:, 0], test_env.pos[:, 1]], rng)
         tq2 = tables[final, tq, test_env.step(a)]
         ret += alive * shaped_reward(0.0, tq2 < 0, args.accept_reward, args.penalty)
+        if frames and alive[0]:  # --capture-video: the first test episode, up to its violation
+            frames.append(grid_frame(test_env.maps[test_env.layout[0]], test_env.pos[0], tq2[0] < 0))
         alive &= tq2 >= 0
         tq = np.where(tq2 < 0, tq, tq2)
         if not alive.any():
             break
+    if frames:
+        print(f"video: {save_video(frames, video_path(logger.run_dir, 'eval', 0), fps=10)}")
     for i in range(args.eval_episodes):
         logger.log_episode(global_step, ret[i], float(not alive[i]), 0, prefix="eval")
     p_final = safety_probability(P, tables[final], args.slip_probability, args.max_episode_steps, start)
@@ -664,6 +788,17 @@ def run_gridworld(args: Args, logger: Logger) -> dict:
         "Q": Q,
         "curves": {k: np.array(v) for k, v in curves.items()},
     }
+    # summary.json: a training episode's cost is 1 if it violated the final safeguard (the common metric), and the
+    # limit is 0 (eq. 4: a run is unsafe once in the sink); the test episodes' return is eq. 5's, their cost 0/1
+    result["summary"] = {
+        "env_id": "minecraft", "total_steps": global_step, "eval_return": float(ret.mean()),
+        "eval_cost": float(1.0 - alive.mean()), "train_cost": violations / max(episodes_done, 1),
+        "train_episodes": episodes_done, "train_violating_episodes": violations, "cost_limit": 0.0,
+        "cost_rate": logger.cost_rate, "sps": (global_step - first_step) / max(train_time, 1e-9),
+        "eval_returns": ret.tolist(), "test_success": result["test_success"], "safety_probability": p_final,
+        "optimal_safety_probability": p_best, "V_s0": result["V_s0"], "switches": progression.switches,
+        "violation_steps": violation_steps, "safeguard_violations": sg_violations,
+    }  # fmt: skip
     logger.scalar("eval/success_rate", result["test_success"], global_step)
     logger.scalar("eval/safety_probability", p_final, global_step)
     logger.scalar("eval/optimal_safety_probability", p_best, global_step)
@@ -804,15 +939,19 @@ def onehot(states: list[str], space: ProductSpace, product: bool, device) -> tor
 
 
 def evaluate_vizdoom(agent: Agent, env: DoomVecEnv, space: ProductSpace, product: bool, episodes: int,
-                     device) -> tuple[list[float], list[int]]:  # fmt: skip
+                     device, frames: list | None = None) -> tuple[list[float], list[int]]:  # fmt: skip
     """Episodes with actions sampled from the policy under the final safeguard (its state in the one-hot for the
-    product agents), monitored and not stopped: the game reward and the common metric of each episode."""
+    product agents), monitored and not stopped: the game reward and the common metric of each episode. `frames`
+    (a list): the first game's first episode is appended to it, the agent's last RGB frame upscaled 4x."""
     sg = DOOM_SAFEGUARDS[-1]
     obs, gv = env.reset()
     states, prev = [INITIAL] * env.n, gv
     ret, seen = np.zeros(env.n), np.zeros((env.n, 2), dtype=bool)
     returns, costs = [], []
+    recording = frames is not None
     while len(returns) < episodes:
+        if recording:
+            frames.append(obs[0, -3:].transpose(1, 2, 0).repeat(4, 0).repeat(4, 1))
         with torch.no_grad():
             action, _, _, _ = agent.get_action_and_value(torch.as_tensor(obs, device=device),
                                                          onehot(states, space, product, device))  # fmt: skip
@@ -822,6 +961,7 @@ def evaluate_vizdoom(agent: Agent, env: DoomVecEnv, space: ProductSpace, product
         seen |= doom_checks(labels)
         ret += [doom_reward(prev[i], gv[i], dead[i]) for i in range(env.n)]
         prev = np.where(done[:, None], start_gv, gv)
+        recording &= not done[0]
         for i in np.flatnonzero(done):
             if len(returns) < episodes:
                 returns.append(float(ret[i]))
@@ -830,8 +970,25 @@ def evaluate_vizdoom(agent: Agent, env: DoomVecEnv, space: ProductSpace, product
     return returns, costs
 
 
-def run_vizdoom(args: Args, logger: Logger) -> dict:
-    """Algorithm 1 with a synchronous PPO: each safeguard of the progression trains from the previous weights."""
+def ppo_loss(agent: Agent, obs, q_onehot, actions, old_logprobs, advantages, returns, args: Args):
+    """CleanRL's clipped PPO objective on one minibatch: (loss, policy loss, value loss, entropy)."""
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, q_onehot, actions)
+    ratio = (newlogprob - old_logprobs).exp()
+    advantages = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
+    clipped = ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = torch.max(-advantages * ratio, -advantages * clipped).mean()
+    v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
+    entropy_loss = entropy.mean()
+    return pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss, pg_loss, v_loss, entropy_loss
+
+
+def run_vizdoom(args: Args, logger: Logger, resumed: dict | None = None) -> dict:
+    """Algorithm 1 with a synchronous PPO: each safeguard of the progression trains from the previous weights.
+
+    `resumed` (from `resume_run`): continue from its checkpoint, written every --checkpoint-every env steps at the
+    end of a PPO iteration (after its logging): the networks and optimisers, the progression (which safeguard), the
+    counters, intrinsic fear's frame memory (unless --no-checkpoint-buffer), the logger's state. The games are
+    restarted: the episodes in progress are lost (their violations are counted, as at a safeguard switch)."""
     device = get_device(args.cuda)
     torch.set_num_threads(args.torch_threads)
     safeguards, final = DOOM_SAFEGUARDS, len(DOOM_SAFEGUARDS) - 1
@@ -864,13 +1021,55 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
     )
 
     global_step, violations, violation_steps, sg_violations = 0, 0, 0, 0
+    train_episodes, train_cost, violating_episodes = 0, 0.0, 0  # the logged training episodes (summary.json)
+    start_iteration = 1
+
+    def checkpoint_state() -> dict:
+        """Networks, optimisers, progression, counters; the fear memory unless --no-checkpoint-buffer."""
+        logger.writer.flush()  # the curves up to the checkpoint are on disk before it is (a kill loses no stretch)
+        memory = None
+        if fear_net is not None and args.checkpoint_buffer:
+            memories = (("danger", danger_mem), ("safe", safe_mem))
+            memory = {k: pack_array(np.stack(m)) if m else None for k, m in memories}
+        return {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "fear_memory": memory,
+                "fear_net": None if fear_net is None else fear_net.state_dict(),
+                "fear_opt": None if fear_opt is None else fear_opt.state_dict(),
+                "progression": progression.state_dict(), "global_step": global_step, "iteration": iteration,
+                "violations": violations + int(ep_seen.sum()),  # the episodes in progress end here, as at a switch
+                "counters": (violation_steps, sg_violations, train_episodes, train_cost, violating_episodes),
+                "logger": logger.state_dict()}  # fmt: skip
+
+    identity = {"script": "psl", "env_id": "vizdoom", "method": args.method, "hidden_size": args.hidden_size,
+                "frame_stack": args.frame_stack, "safeguard_states": len(space.names), "actions": len(DOOM_ACTIONS)}
+    every = checkpoint_interval(args)
+    print_plan(args, safeguards, order, ends, guarded, "env steps", f"{args.doom_eval_episodes} evaluation episodes "
+               f"under the final safeguard; {num_iterations} PPO updates of {batch_size} steps", every, logger.run_dir)
+    if resumed:  # the saved networks, optimisers, counters and progression; the games restart
+        check_identity(resumed["identity"], identity, resumed["path"])
+        saved = resumed["state"]
+        agent.load_state_dict(saved["agent"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if fear_net is not None:
+            fear_net.load_state_dict(saved["fear_net"])
+            fear_opt.load_state_dict(saved["fear_opt"])
+            for key, memory in (("danger", danger_mem), ("safe", safe_mem)):
+                if saved["fear_memory"] and saved["fear_memory"][key]:
+                    memory.extend(unpack_array(saved["fear_memory"][key]).copy())
+        progression.load_state_dict(saved["progression"])
+        global_step, start_iteration, violations = saved["global_step"], saved["iteration"] + 1, saved["violations"]
+        violation_steps, sg_violations, train_episodes, train_cost, violating_episodes = saved["counters"]
+        set_rng_state(saved["rng"])
+        print(f"resuming {resumed['run_dir']} at step {global_step} (safeguard {progression.stage + 1}/{len(order)} "
+              f"'{safeguards[progression.safeguard].name}')", flush=True)
+    checkpointer = Checkpointer(logger.run_dir, every, identity, start_step=global_step)
+    first_step, iteration = global_step, start_iteration - 1
     sg_state = [INITIAL] * n  # the state of the safeguard in force in each env
     first = np.ones(n, dtype=bool)  # the next observation is an episode's first (for V(s0))
     ep_ret, ep_len, ep_game = np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n)
     ep_seen = np.zeros((n, 2), dtype=bool)  # which of the common checks fired in the episode so far
     obs, prev_gv = env.reset()
     next_obs, next_done = torch.as_tensor(obs, device=device), torch.zeros(n, device=device)
-    for iteration in range(1, num_iterations + 1):
+    for iteration in range(start_iteration, num_iterations + 1):
         if progression.advance(global_step):  # next safeguard: the same weights, a fresh optimizer, new episodes
             optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
             violations += int(ep_seen.sum())  # the episodes cut here keep their violations (they are not logged)
@@ -926,6 +1125,8 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
             prev_gv = np.where(done[:, None], start_gv, gv)
             for i in np.flatnonzero(done):
                 violations += int(ep_seen[i].sum())
+                train_episodes, train_cost = train_episodes + 1, train_cost + float(ep_seen[i].sum())
+                violating_episodes += int(ep_seen[i].any())
                 logger.log_episode(global_step, ep_ret[i], float(ep_seen[i].sum()), ep_len[i])
                 logger.scalar("charts/episodic_game_reward", ep_game[i], global_step)
                 sg_state[i], first[i], ep_ret[i], ep_len[i], ep_game[i], ep_seen[i] = INITIAL, True, 0.0, 0, 0.0, False
@@ -956,15 +1157,8 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
             perm = torch.randperm(batch_size, device=device)
             for start in range(0, batch_size, minibatch_size):
                 mb = perm[start : start + minibatch_size]
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_q[mb], b_actions[mb])
-                ratio = (newlogprob - b_logprobs[mb]).exp()
-                mb_adv = b_adv[mb]
-                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std(unbiased=False) + 1e-8)
-                clipped = ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * clipped).mean()
-                v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
-                entropy_loss = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+                loss, pg_loss, v_loss, entropy_loss = ppo_loss(agent, b_obs[mb], b_q[mb], b_actions[mb],
+                                                               b_logprobs[mb], b_adv[mb], b_returns[mb], args)
                 check_finite("PPO loss", loss)
                 optimizer.zero_grad()
                 loss.backward()
@@ -991,20 +1185,35 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
         logger.scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         logger.console(global_step, f"safeguard={progression.safeguard} violations={violations} "
                                     f"(steps {violation_steps}, safeguard {sg_violations})")  # fmt: skip
+        if checkpointer.due(global_step) and iteration < num_iterations:  # after this iteration's logging
+            checkpointer.save(global_step, checkpoint_state(), args)
+    checkpointer.save(global_step, checkpoint_state(), args)  # the end of training, before the evaluation
     violations += int(ep_seen.sum())  # the episodes still running at the end keep their violations too
     train_seconds = time.time() - logger.start_time
     env.close()
 
     eval_env = DoomVecEnv(min(args.doom_eval_episodes, n), wad, args.seed + 10_000, args.doom_frame_skip,
                           args.doom_episode_tics, args.frame_stack, min(workers, args.doom_eval_episodes))  # fmt: skip
-    ev_ret, ev_cost = evaluate_vizdoom(agent, eval_env, space, product, args.doom_eval_episodes, device)
+    frames = [] if args.capture_video else None
+    ev_ret, ev_cost = evaluate_vizdoom(agent, eval_env, space, product, args.doom_eval_episodes, device, frames)
     eval_env.close()
+    if frames:
+        print(f"video: {save_video(frames, video_path(logger.run_dir, 'eval', 0), fps=35 // args.doom_frame_skip)}")
     for ret, cost in zip(ev_ret, ev_cost):
         logger.log_episode(global_step, ret, cost, 0, prefix="eval")
     results = {"training_violations": violations, "violation_steps": violation_steps,
                "safeguard_violations": sg_violations, "env_steps": global_step, "train_seconds": train_seconds,
                "SPS": global_step / max(train_seconds, 1e-9), "switches": progression.switches,
                "eval_game_reward": float(np.mean(ev_ret)), "eval_violations": float(np.mean(ev_cost))}  # fmt: skip
+    # summary.json: an episode's cost is the number of the authors' two checks it failed (0-2); the limit is 0
+    results["summary"] = {
+        "env_id": "vizdoom", "total_steps": global_step, "eval_return": results["eval_game_reward"],
+        "eval_cost": results["eval_violations"], "train_cost": train_cost / max(train_episodes, 1),
+        "train_episodes": train_episodes, "train_violating_episodes": violating_episodes, "cost_limit": 0.0,
+        "cost_rate": logger.cost_rate, "sps": (global_step - first_step) / max(train_seconds, 1e-9),
+        "eval_returns": ev_ret, "eval_costs": ev_cost, "training_violations": violations,
+        "violation_steps": violation_steps, "safeguard_violations": sg_violations, "switches": progression.switches,
+    }  # fmt: skip
     print(f"training violations={violations} per episode ({violation_steps} steps; against the safeguard in force: "
           f"{sg_violations}) eval game reward={results['eval_game_reward']:.3f} eval violations per episode="
           f"{results['eval_violations']:.2f} ({results['SPS']:.0f} env steps/s)")
@@ -1014,6 +1223,8 @@ def run_vizdoom(args: Args, logger: Logger) -> dict:
 
 
 METHODS = ("psl", "zero-shot", "intrinsic-fear", "baseline")
+# flags a resumed run may change: the common ones, the gridworld's budget, and what is recorded (not what is computed)
+MAY_CHANGE_ON_RESUME = RESUMABLE_CHANGES + ("total_episodes", "capture_video", "save_model")
 
 
 def check_args(args: Args) -> None:
@@ -1037,19 +1248,33 @@ def check_args(args: Args) -> None:
         a, b = args.doom_stage_fractions
         if not 0.0 <= a <= b <= 1.0:
             raise SystemExit(f"error: --doom-stage-fractions must be two increasing fractions in [0, 1], got {a} {b}")
+    if args.checkpoint_every < -1:
+        raise SystemExit(f"error: --checkpoint-every must be -1 (the default interval), 0 (only at the end) or "
+                         f"positive, got {args.checkpoint_every}")
     if args.penalty < 0 or args.doom_penalty < 0 or args.fear_factor < 0:
         raise SystemExit("error: --penalty, --doom-penalty and --fear-factor must be >= 0")
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    # --resume runs/<run>: that run's flags (a longer budget or another checkpoint interval may be given)
+    args, resumed = resume_run(args, "psl", MAY_CHANGE_ON_RESUME)
     check_args(args)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    start_time = time.time()
     # the gridworld's budget is in episodes (shown in the console line), ViZDoom's in env steps
-    logger = Logger(run_name, args, total_steps=0 if args.env_id == "minecraft" else args.total_timesteps)
+    total = 0 if args.env_id == "minecraft" else args.total_timesteps
+    if resumed:  # the same run directory and TensorBoard curves, continued from the checkpoint's step
+        run_dir = resumed["run_dir"]
+        logger = Logger(os.path.basename(run_dir), args, root=os.path.dirname(run_dir), total_steps=total,
+                        resume_step=resumed["state"]["global_step"])  # fmt: skip
+        logger.load_state_dict(resumed["state"]["logger"])
+        logger.total_steps = total
+    else:
+        logger = Logger(f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}", args, total_steps=total)
     seed_everything(args.seed, args.torch_deterministic)
     if args.env_id == "minecraft":
-        run_gridworld(args, logger)
+        results = run_gridworld(args, logger, resumed)
     else:
-        run_vizdoom(args, logger)
+        results = run_vizdoom(args, logger, resumed)
+    write_summary(logger.run_dir, args, script="psl", start_time=start_time, **results["summary"])
     logger.close()

@@ -4,14 +4,19 @@ the common violation metric and the worker processes, and smoke runs of the four
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
 import struct
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-from conftest import REPO, read_scalars, run_dirs, run_script
+from conftest import REPO, read_scalars, run_dirs, run_script, run_until_killed
 
 import psl
 from common import doom
@@ -577,3 +582,204 @@ def test_same_seed_reproduces_the_gridworld_run(tmp_path):
     np.testing.assert_array_equal(runs[0]["Q"], runs[1]["Q"])
     assert runs[0]["training_violations"] == runs[1]["training_violations"]
     assert not np.array_equal(runs[0]["Q"], runs[2]["Q"])
+
+
+# ---------------------------------------------------------------- issue 15: resume, progress, video, summary.json
+GRID_RESUME = ["--method", "psl", "--progression", "fixed", "--total-episodes", "40", "--max-episode-steps", "30",
+               "--num-envs", "1", "--eval-episodes", "5", "--exact-eval-every", "0", "--save-model",
+               "--checkpoint-every", "25"]  # fmt: skip
+SAME_IN_BOTH = ("total_steps", "eval_return", "eval_cost", "train_cost", "train_episodes", "train_violating_episodes",
+                "cost_rate", "eval_returns", "test_success", "safety_probability", "switches", "violation_steps",
+                "safeguard_violations", "V_s0")  # fmt: skip
+
+
+def test_gridworld_killed_in_stage_3_and_resumed_is_the_uninterrupted_run(tmp_path):
+    # (the uninterrupted run also checks the plan, the console line, summary.json and the video)
+    # One env: an episode that ends is the last thing of its vector step, so a checkpoint written then holds all the
+    # run depends on (Q-tables, visited states, progression, counters, the env's RNG) and the resumed run must be
+    # the uninterrupted run step for step: the same Q-tables (the first Q-update after resuming reads the saved
+    # table), the same curves, the same summary. 10 episodes per safeguard: the kill at episode 25 is in safeguard 3.
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    out = run_script("psl.py", *GRID_RESUME, "--capture-video", cwd=tmp_path / "a").stdout
+    _check_plan_summary_and_video(out, run_dirs(tmp_path / "a")[0])
+    killed = run_until_killed("psl.py", *GRID_RESUME, cwd=tmp_path / "b")
+    from common.checkpoint import read_checkpoint
+
+    saved = read_checkpoint(killed / "checkpoint.pt")["state"]
+    assert saved["episodes_done"] == saved["step"] == 25 and saved["progression"]["stage"] == 2
+    assert saved["progression"]["switches"] == [10, 20]
+    proc = run_script("psl.py", "--resume", f"runs/{killed.name}", cwd=tmp_path / "b")
+    assert f"resuming runs/{killed.name} at episode 25" in proc.stdout and "safeguard 3/4" in proc.stdout
+    (uninterrupted,) = run_dirs(tmp_path / "a")
+    q_a, q_b = np.load(uninterrupted / "q_table.npz"), np.load(killed / "q_table.npz")
+    for key in ("Q", "U", "visited"):
+        np.testing.assert_array_equal(q_a[key], q_b[key])
+    sum_a, sum_b = (json.loads((d / "summary.json").read_text()) for d in (uninterrupted, killed))
+    assert {k: sum_a[k] for k in SAME_IN_BOTH} == {k: sum_b[k] for k in SAME_IN_BOTH}
+    assert sum_b["train_episodes"] == 40 and sum_b["switches"] == [10, 20, 30]
+    sc_a, sc_b = read_scalars(uninterrupted), read_scalars(killed)
+    for tag in ("charts/episodic_return", "charts/episodic_cost", "charts/V_s0", "charts/violations",
+                "charts/safeguard_index", "eval/episodic_return"):  # fmt: skip
+        assert sc_a[tag] == sc_b[tag], tag  # one curve, no doubled stretch, no gap
+    # the finished safeguards were not redone: each switch was logged once
+    assert [v for _, v in sc_b["charts/safeguard_index"]] == [0.0, 1.0, 2.0, 3.0]
+
+
+def _check_plan_summary_and_video(out: str, run_dir: Path) -> None:
+    """The gridworld's plan, its console line, the summary.json it writes and the video of --capture-video."""
+    assert "plan: psl on minecraft, 40 episodes of training in all (--total-episodes)" in out
+    assert "safeguard 1/4 '1: never creeper, never lava (fig. 4a and 4b)': episodes 0-10" in out
+    assert "safeguard 4/4" in out and "episodes 30-40" in out
+    assert "checkpoint every 25 episodes and at the end of training" in out
+    assert "episodes=4/40 (10%) ETA " in out  # a console line every tenth of the budget, with an ETA
+    videos = list((run_dir / "videos").glob("*.mp4"))
+    assert [v.name for v in videos] == ["eval-episode-0.mp4"] and videos[0].stat().st_size > 1000
+    summary = json.loads((run_dir / "summary.json").read_text())
+    from common.summary import REQUIRED
+
+    assert set(REQUIRED) <= set(summary) and summary["script"] == "psl" and summary["method"] == "psl"
+    scalars = read_scalars(run_dir)
+    costs = [v for _, v in scalars["charts/episodic_cost"]]
+    assert summary["train_episodes"] == len(costs) == 40
+    assert summary["train_violating_episodes"] == sum(c > 0 for c in costs)
+    assert summary["train_cost"] == pytest.approx(np.mean(costs))
+    assert summary["total_steps"] == sum(v for _, v in scalars["charts/episodic_length"])  # one env, all finished
+    assert 0.0 <= summary["eval_cost"] <= 1.0 and len(summary["eval_returns"]) == 5 and summary["cost_limit"] == 0.0
+    assert summary["eval_return"] == pytest.approx(np.mean(summary["eval_returns"]))
+
+
+def test_grid_frame_draws_labels_and_the_agent():
+    maps = psl.minecraft_label_maps()[1]
+    image = psl.grid_frame(maps, (5, 2), violated=False)
+    assert image.shape == (160, 160, 3) and image.dtype == np.uint8
+    assert tuple(image[0 * 16 + 8, 5 * 16 + 1]) == tuple(psl.GRID_COLOURS[psl.GRID_LABELS.index("lava")])
+    assert tuple(image[5 * 16 + 8, 2 * 16 + 8]) == (40, 90, 255)  # the agent's square
+    assert tuple(psl.grid_frame(maps, (5, 2), violated=True)[5 * 16 + 8, 2 * 16 + 8]) == (220, 30, 30)
+
+
+def test_resume_refuses_bad_input_clearly(tmp_path):
+    args = psl.Args(total_episodes=8, max_episode_steps=10, num_envs=2, eval_episodes=2, exact_eval_every=0)
+    logger = psl.Logger("tiny", args, root=str(tmp_path / "runs"), quiet=True)
+    psl.run_gridworld(args, logger)  # writes runs/tiny/checkpoint.pt at its end
+    logger.close()
+    run_dir = tmp_path / "runs" / "tiny"
+    with pytest.raises(SystemExit, match="no such run directory"):
+        psl.resume_run(psl.Args(resume=str(tmp_path / "runs" / "nothing-here")), "psl")
+    with pytest.raises(SystemExit, match="--env-id: the run has 'minecraft', given 'vizdoom'"):
+        psl.resume_run(psl.Args(resume=str(run_dir), env_id="vizdoom"), "psl")
+    with pytest.raises(SystemExit, match="--checkpoint-every must be -1"):
+        psl.check_args(psl.Args(checkpoint_every=-2))
+    data = (run_dir / "checkpoint.pt").read_bytes()
+    (run_dir / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # cut short on disk
+    proc = subprocess.run([sys.executable, str(REPO / "psl.py"), "--resume", str(run_dir)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "truncated or corrupt" in proc.stderr + proc.stdout
+
+
+def _run_doom_until_killed(cwd, *args) -> Path:
+    """conftest's run_until_killed for ViZDoom: the Doom engines are child processes that outlive a SIGKILLed
+    script and hold its output pipes open, so the script runs in its own session, its output goes to a file, and the
+    session's orphaned engines are killed once the script is dead."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", SAFERL_KILL_AFTER_CHECKPOINT="1")
+    with open(cwd / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "psl.py"), *args], cwd=cwd, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            rc = proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # its session's leftover Doom engines
+            except ProcessLookupError:
+                pass
+    assert rc == -9, (cwd / "killed.log").read_text()[-4000:]
+    (run_dir,) = run_dirs(cwd)
+    return run_dir
+
+
+DOOM_RESUME = ["--env-id", "vizdoom", "--method", "psl", "--num-envs", "2", "--num-steps", "16",
+               "--doom-episode-tics", "80", "--doom-eval-episodes", "1", "--hidden-size", "32", "--doom-workers", "0",
+               "--doom-stage-fractions", "0.1", "0.9", "--total-timesteps", "128", "--checkpoint-every", "64"]
+
+
+def test_vizdoom_killed_in_stage_2_resumes_there_with_the_saved_networks(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from common.checkpoint import read_checkpoint
+
+    run_dir = _run_doom_until_killed(tmp_path, *DOOM_RESUME)
+    out = (tmp_path / "killed.log").read_text()
+    assert "plan: psl on vizdoom, 128 env steps of training in all (--total-timesteps)" in out
+    assert "safeguard 2/3 '1: lava only after armor; then the boss area is a violation': env steps 12-115" in out
+    assert "global_step=32/128 (25%) SPS=" in out and "ETA" in out and "| no episode finished yet" in out
+    before = read_checkpoint(run_dir / "checkpoint.pt")
+    assert before["state"]["step"] == 64 and before["state"]["progression"]["stage"] == 1  # killed in safeguard 2
+
+    # resumed as the script's main resumes it (here in this process, to watch its PPO updates), with a video
+    calls = []
+    real_loss = psl.ppo_loss
+
+    def spy(agent, *batch_and_args):  # the batch, the loss, and the weights the update starts from
+        out = real_loss(agent, *batch_and_args)
+        weights = {k: v.detach().clone() for k, v in agent.state_dict().items()}
+        calls.append(([t.clone() for t in batch_and_args[:-1]], out[0].detach().clone(), weights))
+        return out
+
+    monkeypatch.setattr(psl, "ppo_loss", spy)
+    args, resumed = psl.resume_run(psl.Args(resume=str(run_dir), capture_video=True), "psl",
+                                   psl.MAY_CHANGE_ON_RESUME)
+    logger = psl.Logger(run_dir.name, args, root=str(run_dir.parent), quiet=True, resume_step=64)
+    logger.load_state_dict(resumed["state"]["logger"])
+    summary = psl.run_vizdoom(args, logger, resumed)["summary"]
+    logger.close()
+    assert f"resuming {run_dir} at step 64 (safeguard 2/3" in capsys.readouterr().out
+    assert summary["total_steps"] == 128 and summary["switches"] == [32]  # the switch to safeguard 2 happened once
+    scalars = read_scalars(run_dir)
+    assert scalars["charts/safeguard_index"] == [(32, 0.0), (64, 1.0), (96, 1.0), (128, 1.0)]
+    assert summary["train_episodes"] == len(scalars["charts/episodic_return"])
+    assert list((run_dir / "videos").glob("eval-episode-0.mp4"))
+
+    # the first PPO loss after resuming is the saved networks' loss on that batch, and the first update is the saved
+    # Adam state's step (the optimiser was restored, not rebuilt)
+    assert len(calls) == 2
+    agent = psl.Agent(6, len(ProductSpace(DOOM_SAFEGUARDS).names), len(psl.DOOM_ACTIONS), 32)
+    agent.load_state_dict(before["state"]["agent"])
+    batch, logged_loss, _ = calls[0]
+    loss, *_ = real_loss(agent, *batch, args)
+    assert torch.equal(loss.detach(), logged_loss)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer.load_state_dict(before["state"]["optimizer"])
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+    optimizer.step()
+    for name, value in agent.state_dict().items():
+        torch.testing.assert_close(value, calls[1][2][name], rtol=0, atol=0, msg=name)
+
+
+def test_vizdoom_intrinsic_fear_memory_survives_a_resume_unless_left_out(tmp_path):
+    from common.checkpoint import read_checkpoint, unpack_array
+
+    kw = dict(env_id="vizdoom", method="intrinsic-fear", num_envs=2, num_steps=16, doom_episode_tics=80,
+              doom_eval_episodes=1, hidden_size=32, doom_workers=0, checkpoint_every=0)  # fmt: skip
+    for keep in (True, False):
+        args = psl.Args(total_timesteps=64, checkpoint_buffer=keep, **kw)
+        logger = psl.Logger(f"fear-{keep}", args, root=str(tmp_path / "runs"), quiet=True)
+        psl.run_vizdoom(args, logger)
+        logger.close()
+        run_dir = tmp_path / "runs" / f"fear-{keep}"
+        before = read_checkpoint(run_dir / "checkpoint.pt")["state"]
+        if not keep:  # --no-checkpoint-buffer: the memory is left out, the classifier is kept
+            assert before["fear_memory"] is None and before["fear_net"] is not None
+            continue
+        saved_safe = unpack_array(before["fear_memory"]["safe"])
+        assert len(saved_safe) > 0
+        args, resumed = psl.resume_run(psl.Args(resume=str(run_dir), total_timesteps=96), "psl",
+                                       psl.MAY_CHANGE_ON_RESUME)  # fmt: skip
+        logger = psl.Logger(run_dir.name, args, root=str(run_dir.parent), quiet=True, resume_step=64)
+        psl.run_vizdoom(args, logger, resumed)
+        logger.close()
+        after = read_checkpoint(run_dir / "checkpoint.pt")["state"]
+        after_safe = unpack_array(after["fear_memory"]["safe"])
+        assert after["step"] == 96 and len(after_safe) > len(saved_safe)  # the saved frames, then the new ones
+        np.testing.assert_array_equal(after_safe[: len(saved_safe)], saved_safe)
