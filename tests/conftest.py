@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,12 +40,23 @@ def run_until_killed(script: str, *args: str, cwd: Path, after: int = 1, timeout
     """Run a script that the OS kills (SIGKILL, as an OOM killer or a preempted job would) right after its `after`-th
     checkpoint (common/checkpoint.py's SAFERL_KILL_AFTER_CHECKPOINT); return the run directory it leaves behind."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", SAFERL_KILL_AFTER_CHECKPOINT=str(after))
-    proc = subprocess.run(
-        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if proc.returncode != -9:
-        pytest.fail(f"{script} {' '.join(args)} was to be killed after checkpoint {after} but exited "
-                    f"{proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    # its own process group, output to files: the script's worker processes (env workers, Doom engines) outlive a
+    # SIGKILL of the script and would hold its output pipes open; they are killed with the group once it died
+    with open(cwd / "killed_run.out", "w+") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out.seek(0)
+        output = out.read()
+    if code != -9:
+        pytest.fail(f"{script} {' '.join(args)} was to be killed after checkpoint {after} but exited {code}\n"
+                    f"--- output\n{output[-6000:]}")
     dirs = [d for d in run_dirs(cwd) if (d / "checkpoint.pt").exists()]
     assert len(dirs) == 1, f"expected one run directory with a checkpoint under {cwd / 'runs'}, found {dirs}"
     return dirs[0]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -677,26 +676,6 @@ def test_resume_refuses_bad_input_clearly(tmp_path):
     assert "truncated or corrupt" in proc.stderr + proc.stdout
 
 
-def _run_doom_until_killed(cwd, *args) -> Path:
-    """conftest's run_until_killed for ViZDoom: the Doom engines are child processes that outlive a SIGKILLed
-    script and hold its output pipes open, so the script runs in its own session, its output goes to a file, and the
-    session's orphaned engines are killed once the script is dead."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", SAFERL_KILL_AFTER_CHECKPOINT="1")
-    with open(cwd / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "psl.py"), *args], cwd=cwd, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        try:
-            rc = proc.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # its session's leftover Doom engines
-            except ProcessLookupError:
-                pass
-    assert rc == -9, (cwd / "killed.log").read_text()[-4000:]
-    (run_dir,) = run_dirs(cwd)
-    return run_dir
-
-
 DOOM_RESUME = ["--env-id", "vizdoom", "--method", "psl", "--num-envs", "2", "--num-steps", "16",
                "--doom-episode-tics", "80", "--doom-eval-episodes", "1", "--hidden-size", "32", "--doom-workers", "0",
                "--doom-stage-fractions", "0.1", "0.9", "--total-timesteps", "128", "--checkpoint-every", "64"]
@@ -707,8 +686,8 @@ def test_vizdoom_killed_in_stage_2_resumes_there_with_the_saved_networks(tmp_pat
 
     from common.checkpoint import read_checkpoint
 
-    run_dir = _run_doom_until_killed(tmp_path, *DOOM_RESUME)
-    out = (tmp_path / "killed.log").read_text()
+    run_dir = run_until_killed("psl.py", *DOOM_RESUME, cwd=tmp_path)  # the Doom engines die with its process group
+    out = (tmp_path / "killed_run.out").read_text()
     assert "plan: psl on vizdoom, 128 env steps of training in all (--total-timesteps)" in out
     assert "safeguard 2/3 '1: lava only after armor; then the boss area is a violation': env steps 12-115" in out
     assert "global_step=32/128 (25%) SPS=" in out and "ETA" in out and "| no episode finished yet" in out
