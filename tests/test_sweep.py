@@ -68,3 +68,9 @@ def test_a_sweep_of_two_tiny_runs_on_a_local_ray_then_skips_them(tmp_path):
     assert sorted(json.loads(s.read_text())["method"] for s in summaries) == ["baseline", "psl"]
     again = sweep.main(argv)  # everything finished: nothing runs (no Ray started)
     assert [r["action"] for r in again] == ["skip", "skip"]
+    # and the plot of the sweep: one table row per method, from the runs' summary.json
+    import plot
+
+    doc = plot.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "plots" / "s"), "--reps", "200",
+                     "--curve-reps", "100"])
+    assert "### minecraft" in doc and "| baseline | 1 |" in doc and "| psl | 1 |" in doc
