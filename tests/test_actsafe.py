@@ -408,7 +408,7 @@ def test_smoke_actsafe_lbsgd_greedy_eval_video_and_save(tmp_path):
     assert os.path.exists(run / "actsafe.cleanrl_model")
     import imageio.v2 as imageio
 
-    frames = list(imageio.get_reader(run / "videos" / "eval-episode-0.mp4"))
+    frames = [f for f in imageio.get_reader(run / "videos" / "eval-episode-0.mp4")]  # list() asks len(): inf
     assert len(frames) == 501 and frames[0].shape == (256, 256, 3)  # o_0 .. o_500 (1000 env steps, repeat 2)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval_return"] == pytest.approx(s["eval/episodic_return"][0][1], rel=1e-6)
