@@ -69,7 +69,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict, identity: dict) -> int
     """Write {"identity": identity, "state": state} atomically to `path`. Returns the file's size in bytes."""
     path = Path(path)
     buffer = io.BytesIO()
-    torch.save({"identity": identity, "state": state}, buffer)
+    # protocol 4 writes bytes (the compressed replay) as they are; torch's default protocol 2 pickles them as latin-1
+    # text, which takes 1.5x their size for compressed data (measured: 1.0 MB of zlib output -> 1.5 MB)
+    torch.save({"identity": identity, "state": state}, buffer, pickle_protocol=4)
     payload = buffer.getvalue()
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
