@@ -560,7 +560,9 @@ def killed_run(tmp_path_factory):
 
 
 def build_from_checkpoint(state: dict):
-    """The modules, optimisers, constraint states and replay of the script, built from the checkpoint's args."""
+    """The modules, optimisers, constraint states and replay of the script, built from the checkpoint's args and
+    loaded with plain `load_state_dict` calls (not with the script's `load_checkpoint_state`: a part the script
+    failed to restore would then show as a difference)."""
     args = Args(**state["args"])
     wm = WorldModel(2, args)
     acs = {k: ActorCritic(wm.rssm.feature_dim, 2, args) for k in ("explore", "task")}
@@ -569,14 +571,18 @@ def build_from_checkpoint(state: dict):
     actor_opts = {k: adam(ac.actor.parameters(), args.actor_lr) for k, ac in acs.items()}
     critic_opts = {k: adam([*ac.critic.parameters(), *ac.cost_critic.parameters()], args.critic_lr)
                    for k, ac in acs.items()}
-    constraint_states = {k: {"lagrange": torch.tensor(0.0), "penalty": torch.tensor(0.0), "eta": torch.tensor(0.0)}
-                         for k in acs}
     from common import EpisodeBuffer
 
+    wm.load_state_dict(state["world_model"])
+    model_opt.load_state_dict(state["model_opt"])
+    for k, ac in acs.items():
+        ac.load_state_dict(state["actor_critics"][k])
+        actor_opts[k].load_state_dict(state["actor_opts"][k])
+        critic_opts[k].load_state_dict(state["critic_opts"][k])
+    constraint_states = {k: {n: t.clone() for n, t in cs.items()} for k, cs in state["constraint_states"].items()}
     buffer = EpisodeBuffer(args.buffer_capacity, seed=123)
-    counters = actsafe.load_checkpoint_state(state, wm, acs, model_opt, actor_opts, critic_opts, constraint_states,
-                                             buffer)
-    return args, wm, acs, model_opt, actor_opts, critic_opts, constraint_states, buffer, counters
+    buffer.load_state_dict(state["buffer"])
+    return args, wm, acs, model_opt, actor_opts, critic_opts, constraint_states, buffer
 
 
 def test_kill_and_resume_continues_the_run(killed_run):
@@ -613,7 +619,7 @@ def test_kill_and_resume_continues_the_run(killed_run):
     # checkpoint, from the torch RNG state each update of the resumed run started from
     samples = torch.load(run_dir.parent.parent / "samples.pt", weights_only=False)
     assert len(samples) == 2
-    args, wm, acs, model_opt, actor_opts, critic_opts, constraint_states, buffer, _ = build_from_checkpoint(mid)
+    args, wm, acs, model_opt, actor_opts, critic_opts, constraint_states, buffer = build_from_checkpoint(mid)
     first_batch = buffer.sample(args.batch_size, args.sequence_length)  # the restored replay and its sampling RNG
     for k, v in first_batch.items():
         torch.testing.assert_close(v, samples[0][1][k], rtol=0, atol=0)
