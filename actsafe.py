@@ -131,7 +131,8 @@ class Args:
     dynamics: Literal["rssm", "gp"] = "rssm"
     """'rssm': the pixel world model; 'gp': Gaussian-process dynamics and MPC on SafePendulum (the `--gp-*` flags)"""
     total_timesteps: int = 5_000_000
-    """total environment steps (action repeat included)"""
+    """total environment steps of training (action repeat included), the random warm-up and the expansion phase
+    among them; the final evaluation episodes come on top (not used with --dynamics gp: see --gp-episodes)"""
     num_envs: int = 10
     """the number of parallel environments"""
     action_repeat: int = 2
@@ -991,6 +992,9 @@ def validate_gp(args: Args) -> None:
     if args.gp_speed_margin >= SPEED_LIMIT:
         raise SystemExit(f"error: --gp-speed-margin must be below the speed limit {SPEED_LIMIT}, "
                          f"got {args.gp_speed_margin!r}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise SystemExit(f"error: --checkpoint-every must be >= 0 (0: only after the last episode), "
+                         f"got {args.checkpoint_every}")
 
 
 def run_gp(args: Args, resumed: dict | None = None) -> None:
@@ -1160,7 +1164,7 @@ def validate(args: Args) -> None:
     check_choice(args, "constraint", ["lagrangian", "lbsgd", "none"])
     for name in ("warmup_steps", "exploration_steps", "pessimism", "exploration_reward_scale", "epistemic_scale",
                  "initial_lagrangian", "penalty_power_factor", "lbsgd_eta_rate", "eval_episodes", "free_nats",
-                 "ensemble_init_jitter", "torch_threads"):
+                 "ensemble_init_jitter", "torch_threads", "checkpoint_every"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)!r}")
     if not 0 < args.gamma < 1:

@@ -326,6 +326,7 @@ def test_intrinsic_reward_is_the_scaled_uncertainty():
     (dict(store_chunk=10, sequence_length=50), "--store-chunk"),
     (dict(store_chunk=-1), "--store-chunk"),
     (dict(ensemble_init_jitter=-0.1), "--ensemble-init-jitter must be >= 0"),
+    (dict(checkpoint_every=-1), "--checkpoint-every must be >= 0"),
     (dict(lbsgd_backup_lr=0.0), "--lbsgd-backup-lr must be positive"),
     (dict(actor_init_scale=-1.0), "--actor-init-scale must be positive"),
     (dict(env_id="SafetyPointGaol1"), "Closest valid ids: SafetyPointGoal1"),

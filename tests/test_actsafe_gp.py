@@ -268,6 +268,7 @@ def test_variant_checks(kwargs, message):
     ("gp_elites", 500, r"--gp-elites \(500\) must be <= --gp-samples \(100\)"),
     ("gp_expansion_episodes", 11, r"--gp-expansion-episodes \(11\) must be <= --gp-episodes \(10\)"),
     ("gp_speed_margin", 6.0, "--gp-speed-margin must be below the speed limit"),
+    ("checkpoint_every", -100, "--checkpoint-every must be >= 0"),
 ])
 def test_gp_flag_checks(name, value, message):
     with pytest.raises(SystemExit, match=message):
