@@ -962,7 +962,8 @@ def check_variant_flags(args: Args) -> None:
     flag = lambda name: "--lambda_" if name == "lambda_" else "--" + name.replace("_", "-")  # noqa: E731
     changed = [f.name for f in fields(Args) if getattr(args, f.name) != f.default]
     if args.dynamics == "gp":
-        pixel = [flag(n) for n in changed if not n.startswith("gp_") and n not in GP_SHARED_FLAGS]
+        given = lambda n: "--no-" + flag(n)[2:] if getattr(args, n) is False else flag(n)  # noqa: E731  as typed
+        pixel = [given(n) for n in changed if not n.startswith("gp_") and n not in GP_SHARED_FLAGS]
         if pixel:
             raise SystemExit(f"error: {', '.join(pixel)}: pixel-variant flag(s), not used with --dynamics gp; accepted "
                              f"with it: the --gp-* flags and {', '.join(flag(n) for n in GP_SHARED_FLAGS)}")

@@ -246,6 +246,7 @@ def gp_args(**kw):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(dynamics="gp", env_id="SafetyPointGoal1"), "--env-id accepted: SafePendulum, SafePendulum-v0"),
     (dict(dynamics="gp", env_id="SafePendulum", num_envs=4), "--num-envs: pixel-variant flag"),
+    (dict(dynamics="gp", env_id="SafePendulum", checkpoint_buffer=False), "--no-checkpoint-buffer: pixel-variant"),
     (dict(dynamics="gp", env_id="SafePendulum", constraint="lbsgd", imag_horizon=3), "--constraint, --imag-horizon"),
     (dict(gp_beta=1.0), "--gp-beta: flag(s) of the GP variant; add --dynamics gp"),
     (dict(dynamics="sde"), "--dynamics must be one of rssm, gp"),
