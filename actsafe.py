@@ -255,7 +255,7 @@ class Args:
     """environment steps between checkpoints to `runs/{run_name}/checkpoint.pt`, also written at the end of training
     (0: only at the end; None: every 100000 env steps, or after every episode with --dynamics gp). Cost at the
     default sizes, measured on a 2-core CPU (docs/actsafe.md, "Resume, video, summary"): networks and optimisers
-    115 MiB (0.3 s), plus 1.7 MiB and 0.11 s of compression per stored episode (1000 env steps), every time"""
+    115 MiB, plus 1.7 MiB and 0.1-0.3 s of compression per stored episode (1000 env steps), at every checkpoint"""
     checkpoint_buffer: bool = True
     """save the replay buffer in the checkpoint (--no-checkpoint-buffer: smaller, faster files; a resumed run then
     refills the replay and skips the rounds that fall before its first stored episode, as at the start)"""
