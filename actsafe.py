@@ -42,7 +42,13 @@ Deviations (reasons and the other side's flag in docs/actsafe.md):
 - With `--store-chunk N > 0` an unfinished episode is stored in the replay as a sequence of its own once it holds N
   rows; this lets tiny runs (the smoke tests) train before a 1000-step episode ends. Default 0: whole episodes.
 - Warm-up actions are uniform in [-1, 1] (the authors' code used [0, 1] by mistake).
-- `--capture-video` is not supported (rendering is the bottleneck on CPU); it is rejected with a message.
+
+Resume, video, summary (docs/actsafe.md): `--checkpoint-every N` writes runs/<run>/checkpoint.pt every N env steps
+and at the end of training (world model, both actor-critics, every optimiser, the constraint states, the replay
+unless --no-checkpoint-buffer, the counters and phase, the logger, every RNG state); `--resume runs/<run>` continues
+it in the same directory and curves. The environments are reset on resume: the episodes in progress are lost.
+`--capture-video` records the final evaluation episodes as the 64x64 frames the agent sees, upscaled 4x (Vision
+tasks cannot render another camera). Every run ends with runs/<run>/summary.json (cost limit: --cost-limit).
 
 GP variant (`--dynamics gp --env-id SafePendulum`; its own section of this file, "ActSafe with Gaussian-process
 dynamics"): the paper's GP setting on a pendulum swing-up with a speed limit (`common/pendulum.py`). An exact GP per
@@ -59,6 +65,8 @@ Deviations of the GP variant (details in docs/actsafe_gp.md): CEM sizes below th
 10 particles, 3 iterations, horizon 15) to fit a CPU; the GP conditions on at most 100 points per output (a greedy
 subset: its variance is never below the full data's); optimism as the notes' mean over particles (the co-authors'
 planner takes the max); the planner keeps the speed 0.12 rad/s under the limit (it sees agent steps only).
+The GP variant checkpoints after every episode by default and resumes exactly (docs/actsafe_gp.md); its videos are
+drawn pendulums (`draw_pendulum`); its summary.json's cost limit is 0 (no env step over the speed limit).
 """
 
 from __future__ import annotations
@@ -93,9 +101,12 @@ from common import (
     seed_everything,
 )
 from common.capture import resolve_speed_flags, speed_up
+from common.checkpoint import RESUMABLE_CHANGES, Checkpointer, check_identity, resume_run, set_rng_state
 from common.envs import default_async
-from common.pendulum import PENDULUM_IDS, SPEED_LIMIT, make_safe_pendulum, speed_cost, swing_up_reward
+from common.pendulum import DT, PENDULUM_IDS, SPEED_LIMIT, make_safe_pendulum, speed_cost, swing_up_reward
 from common.rssm import RSSM, balanced_kl_loss
+from common.summary import write_summary
+from common.video import save_video, video_path
 
 
 @dataclass
@@ -109,7 +120,8 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be used when available (the CPU otherwise, with a message)"""
     capture_video: bool = False
-    """not supported by this script (rendering is the bottleneck); rejected when set"""
+    """record the final evaluation episodes as mp4 under `runs/{run_name}/videos/`: the 64x64 camera frames the agent
+    sees, upscaled 4x to 256x256 (Vision tasks cannot render another camera); GP variant: a drawn 128x128 pendulum"""
     save_model: bool = False
     """whether to save the world model and policies into `runs/{run_name}`"""
 
@@ -119,7 +131,8 @@ class Args:
     dynamics: Literal["rssm", "gp"] = "rssm"
     """'rssm': the pixel world model; 'gp': Gaussian-process dynamics and MPC on SafePendulum (the `--gp-*` flags)"""
     total_timesteps: int = 5_000_000
-    """total environment steps (action repeat included)"""
+    """total environment steps of training (action repeat included), the random warm-up and the expansion phase
+    among them; the final evaluation episodes come on top (not used with --dynamics gp: see --gp-episodes)"""
     num_envs: int = 10
     """the number of parallel environments"""
     action_repeat: int = 2
@@ -238,6 +251,17 @@ class Args:
     """evaluation episodes at the end with the task policy's deterministic action (0: none)"""
     log_every: int = 5000
     """environment steps between console lines"""
+    checkpoint_every: int | None = None
+    """environment steps between checkpoints to `runs/{run_name}/checkpoint.pt`, also written at the end of training
+    (0: only at the end; None: every 100000 env steps, or after every episode with --dynamics gp). Cost at the
+    default sizes, measured on a 2-core CPU (docs/actsafe.md, "Resume, video, summary"): networks and optimisers
+    115 MiB, plus 1.7 MiB and 0.1-0.3 s of compression per stored episode (1000 env steps), at every checkpoint"""
+    checkpoint_buffer: bool = True
+    """save the replay buffer in the checkpoint (--no-checkpoint-buffer: smaller, faster files; a resumed run then
+    refills the replay and skips the rounds that fall before its first stored episode, as at the start)"""
+    resume: str | None = None
+    """a run directory runs/<run> to continue; its flags are used, only --total-timesteps/--gp-episodes/
+    --checkpoint-every/--capture-video/... may change. The environments are reset: the episodes in progress are lost"""
 
     # GP variant (--dynamics gp): Gaussian-process dynamics, MPC by the cross-entropy method, on --env-id SafePendulum.
     # Shared with the pixel variant: seed, torch_deterministic, cuda, save_model, env_id, action_repeat,
@@ -623,7 +647,8 @@ def update(wm: WorldModel, model_opt, acs: dict, actor_opts: dict, critic_opts: 
 # ==================================================================================================================
 
 GP_SHARED_FLAGS = ("exp_name", "seed", "torch_deterministic", "cuda", "capture_video", "save_model", "env_id",
-                   "dynamics", "action_repeat", "torch_threads", "eval_episodes")  # the flags both variants read
+                   "dynamics", "action_repeat", "torch_threads", "eval_episodes", "checkpoint_every",
+                   "resume")  # the flags both variants read
 
 
 def intrinsic_reward(epistemic_var: torch.Tensor, aleatoric_var: torch.Tensor) -> torch.Tensor:
@@ -747,6 +772,19 @@ class GPDynamics:
             self.chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)  # (D, M, M)
         return loss.item()
 
+    def state_dict(self) -> dict:
+        """The hyperparameters (the next fit starts from them) and the posterior's cache, for a checkpoint."""
+        return {"model": self.model.state_dict(), "fits": self.fits, "train_x": self.train_x, "alpha": self.alpha,
+                "chol_inv": self.chol_inv}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.model.eval()
+        self.likelihood.eval()
+        self.fits = state["fits"]
+        device = self.outputscale.device
+        self.train_x, self.alpha, self.chol_inv = (state[k].to(device) for k in ("train_x", "alpha", "chol_inv"))
+
     @torch.no_grad()
     def predict(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and epistemic variance of x_{t+1} - x_t at z (B, I): two (B, D) tensors."""
@@ -850,16 +888,37 @@ def offline_safe_data(env, n: int, action_repeat: int, rng: np.random.Generator)
     return np.array(inputs, dtype=np.float64), np.array(targets, dtype=np.float64)
 
 
+def draw_pendulum(obs: np.ndarray, size: int = 128) -> np.ndarray:
+    """A (size, size, 3) uint8 picture of the pendulum state [cos theta, sin theta, theta_dot] (theta = 0 upright):
+    the rod from the pivot, blue, red while the speed is over the limit; below it a bar of |theta_dot| (full width:
+    8 rad/s) with a black tick at the limit."""
+    image = np.full((size, size, 3), 255, np.uint8)
+    over = abs(float(obs[2])) > SPEED_LIMIT
+    centre, length = size / 2, 0.38 * size
+    for t in np.linspace(0, 1, 4 * size):  # the rod, 3 pixels thick
+        row, col = int(centre - t * length * obs[0]), int(centre + t * length * obs[1])
+        image[row - 1:row + 2, col - 1:col + 2] = (220, 30, 30) if over else (40, 70, 200)
+    image[int(centre) - 3:int(centre) + 4, int(centre) - 3:int(centre) + 4] = 0  # the pivot
+    bar = int(min(abs(float(obs[2])) / 8.0, 1.0) * (size - 1))
+    image[size - 8:size - 2, :bar] = (220, 30, 30) if over else (120, 120, 120)
+    limit = int(SPEED_LIMIT / 8.0 * (size - 1))
+    image[size - 10:size, limit] = 0
+    return image
+
+
 def mpc_episode(env, gp: GPDynamics, args: Args, explore: bool, generator: torch.Generator,
-                device: torch.device) -> dict:
+                device: torch.device, frames: list | None = None) -> dict:
     """One episode of model-predictive control on the real env.
 
     At every agent step: new particle draws, CEM over the GP from the observed state, the first action of the best
     sequence applied `--action-repeat` times; the rest of the sequence warm-starts the next step. Returns the
     transitions (inputs, targets as in `offline_safe_data`), the per-env-step costs and the episode's statistics.
+    With `frames` (a list), a drawn picture of every env step's state is appended to it (`draw_pendulum`).
     """
     particles = args.gp_particles if args.gp_beta > 0 else 1  # beta = 0: every particle would be the mean
     obs, _ = env.reset()
+    if frames is not None:
+        frames.append(draw_pendulum(obs))
     plan = torch.zeros(args.gp_horizon, 1, dtype=torch.float64, device=device)
     inputs, targets, costs, values, pess_costs = [], [], [], [], []
     ep_return, plan_time, done, max_speed = 0.0, 0.0, False, 0.0
@@ -880,6 +939,8 @@ def mpc_episode(env, gp: GPDynamics, args: Args, explore: bool, generator: torch
             ep_return, repeats, done = ep_return + reward, repeats + 1, terminated or truncated
             costs.append(info["cost"])
             max_speed = max(max_speed, abs(float(next_obs[2])))
+            if frames is not None:
+                frames.append(draw_pendulum(next_obs))
         if repeats == args.action_repeat:  # a transition cut short by the time limit is not an agent step
             inputs.append(np.concatenate([obs, action]))
             targets.append(next_obs - obs)
@@ -901,7 +962,8 @@ def check_variant_flags(args: Args) -> None:
     flag = lambda name: "--lambda_" if name == "lambda_" else "--" + name.replace("_", "-")  # noqa: E731
     changed = [f.name for f in fields(Args) if getattr(args, f.name) != f.default]
     if args.dynamics == "gp":
-        pixel = [flag(n) for n in changed if not n.startswith("gp_") and n not in GP_SHARED_FLAGS]
+        given = lambda n: "--no-" + flag(n)[2:] if getattr(args, n) is False else flag(n)  # noqa: E731  as typed
+        pixel = [given(n) for n in changed if not n.startswith("gp_") and n not in GP_SHARED_FLAGS]
         if pixel:
             raise SystemExit(f"error: {', '.join(pixel)}: pixel-variant flag(s), not used with --dynamics gp; accepted "
                              f"with it: the --gp-* flags and {', '.join(flag(n) for n in GP_SHARED_FLAGS)}")
@@ -931,17 +993,33 @@ def validate_gp(args: Args) -> None:
     if args.gp_speed_margin >= SPEED_LIMIT:
         raise SystemExit(f"error: --gp-speed-margin must be below the speed limit {SPEED_LIMIT}, "
                          f"got {args.gp_speed_margin!r}")
-    if args.capture_video:
-        raise SystemExit("error: --capture-video is not supported by the GP variant")
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise SystemExit(f"error: --checkpoint-every must be >= 0 (0: only after the last episode), "
+                         f"got {args.checkpoint_every}")
 
 
-def run_gp(args: Args) -> None:
+def run_gp(args: Args, resumed: dict | None = None) -> None:
     """ActSafe with GP dynamics on SafePendulum, Algorithm 1 with a GP and MPC: collect an episode with the planner,
     refit the GP on everything so far, repeat; expansion (intrinsic reward) for the first `--gp-expansion-episodes`
-    episodes, the task reward afterwards, the pessimistic constraint throughout."""
+    episodes, the task reward afterwards, the pessimistic constraint throughout.
+
+    Checkpoints after episodes (every one by default): the data, the GP's hyperparameters and posterior cache, the
+    planner's generator, the counters and the logger, so that a resumed run continues exactly as the uninterrupted
+    one (the pendulum starts every episode hanging down at rest). summary.json's cost limit is 0: the constraint is
+    "no env step over the speed limit", an episode violates it when its cost is above 0."""
+    start_time = time.time()
     env = make_safe_pendulum()
-    run_name = f"{env.spec.id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    logger = Logger(run_name, args, total_steps=args.gp_episodes * env.spec.max_episode_steps)
+    identity = {"script": "actsafe", "dynamics": "gp", "env_id": env.spec.id}
+    total_steps = args.gp_episodes * env.spec.max_episode_steps
+    if resumed:  # the same run directory and TensorBoard curves
+        check_identity(resumed["identity"], identity, resumed["path"])
+        run_dir = resumed["run_dir"]
+        logger = Logger(os.path.basename(run_dir), args, root=os.path.dirname(run_dir), total_steps=total_steps,
+                        resume_step=resumed["state"]["step"])
+    else:
+        run_name = f"{env.spec.id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        logger = Logger(run_name, args, total_steps=total_steps)
+    checkpoint_every = env.spec.max_episode_steps if args.checkpoint_every is None else args.checkpoint_every
     seed_everything(args.seed, args.torch_deterministic)
     device = get_device(args.cuda)
     if args.torch_threads > 0:
@@ -954,24 +1032,40 @@ def run_gp(args: Args) -> None:
           f"samples x {particles} particle(s) (beta {args.gp_beta}), {args.gp_elites} elites, {args.gp_iterations} "
           f"iterations, horizon {args.gp_horizon}; penalty lambda {args.gp_lambda} on the max over particles of the "
           f"cost of speeds over {gp_speed_limit(args):.2f} rad/s (env limit {SPEED_LIMIT}); GP on at most "
-          f"{args.gp_max_points} points per output, {args.gp_offline_transitions} initial safe transitions", flush=True)
+          f"{args.gp_max_points} points per output, {args.gp_offline_transitions} initial safe transitions; "
+          f"a checkpoint after every episode that reaches a multiple of {checkpoint_every} env steps, and after the "
+          f"last", flush=True)
 
-    # the initial safe data S_0, and the first fit
     to_tensor = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
-    inputs, targets = offline_safe_data(env, args.gp_offline_transitions, args.action_repeat,
-                                        np.random.default_rng(args.seed))
-    gp = GPDynamics(inputs.shape[1], targets.shape[1], args.gp_noise_std, args.gp_max_points, device)
-    nmll = gp.fit(to_tensor(inputs), to_tensor(targets), args.gp_fit_steps, args.gp_lr)
-    check_finite("GP negative log marginal likelihood", nmll)
-    logger.scalar("losses/gp_nmll", nmll, 0)
+    state_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    gp = GPDynamics(state_dim + action_dim, state_dim, args.gp_noise_std, args.gp_max_points, device)
+    if resumed:  # the data, the GP as last fitted, the counters, the planner's generator and every other RNG state
+        state = resumed["state"]
+        inputs, targets = state["inputs"], state["targets"]
+        gp.load_state_dict(state["gp"])
+        first_episode, global_step = state["episodes"], state["step"]
+        violating_episodes, train_cost = state["violating_episodes"], state["train_cost"]
+        generator.set_state(state["generator"])
+        logger.load_state_dict(state["logger"])
+        logger.total_steps = total_steps  # --gp-episodes may have changed
+        set_rng_state(state["rng"])
+        print(f"resuming {logger.run_dir} at step {global_step} (episode {first_episode + 1} of {args.gp_episodes}, "
+              f"phase {'explore' if first_episode < args.gp_expansion_episodes else 'task'})", flush=True)
+    else:  # the initial safe data S_0, and the first fit
+        inputs, targets = offline_safe_data(env, args.gp_offline_transitions, args.action_repeat,
+                                            np.random.default_rng(args.seed))
+        nmll = gp.fit(to_tensor(inputs), to_tensor(targets), args.gp_fit_steps, args.gp_lr)
+        check_finite("GP negative log marginal likelihood", nmll)
+        logger.scalar("losses/gp_nmll", nmll, 0)
+        first_episode, global_step, violating_episodes, train_cost = 0, 0, 0, 0.0
+    checkpointer = Checkpointer(logger.run_dir, checkpoint_every, identity, start_step=global_step)
 
-    global_step, violating_episodes = 0, 0
-    for episode in range(args.gp_episodes):
+    for episode in range(first_episode, args.gp_episodes):
         # ---- act: MPC over the GP (expansion: intrinsic reward; afterwards: the swing-up), pessimistic constraint
         explore = episode < args.gp_expansion_episodes
         ep = mpc_episode(env, gp, args, explore, generator, device)
         global_step += ep["length"]
-        violating_episodes += ep["violations"] > 0
+        violating_episodes, train_cost = violating_episodes + (ep["violations"] > 0), train_cost + ep["cost"]
         logger.log_costs(global_step, ep["costs"])
         logger.log_episode(global_step, ep["return"], ep["cost"], ep["length"])
         logger.scalar("charts/episodic_violations", ep["violations"], global_step)  # env steps with cost > 0
@@ -1002,6 +1096,14 @@ def run_gp(args: Args) -> None:
         logger.console(global_step, f"episode={episode + 1}/{args.gp_episodes} phase={'explore' if explore else 'task'} "
                                     f"violations={ep['violations']} max|speed|={ep['max_speed']:.2f} "
                                     f"plan_s/step={ep['plan_seconds_per_step']:.2f}")
+
+        # ---- checkpoint: every --checkpoint-every env steps (default: every episode) and after the last episode
+        if checkpointer.due(global_step) or episode + 1 == args.gp_episodes:
+            checkpointer.save(global_step, {"gp": gp.state_dict(), "inputs": inputs, "targets": targets,
+                                            "episodes": episode + 1, "violating_episodes": violating_episodes,
+                                            "train_cost": train_cost, "generator": generator.get_state(),
+                                            "logger": logger.state_dict()}, args)
+    sps = logger.sps(global_step)
     print(f"episodes with a violation: {violating_episodes}/{args.gp_episodes}", flush=True)
     if args.save_model:
         path = os.path.join(logger.run_dir, f"{args.exp_name}.cleanrl_model")
@@ -1009,14 +1111,30 @@ def run_gp(args: Args) -> None:
                    path)
         print(f"model saved to {path}", flush=True)
 
-    # final evaluation: the task planner (swing-up reward, pessimistic constraint), its data not kept
-    for _ in range(args.eval_episodes):
-        ep = mpc_episode(env, gp, args, False, generator, device)
+    # final evaluation: the task planner (swing-up reward, pessimistic constraint), its data not kept;
+    # --capture-video: each episode drawn (`draw_pendulum`, 128x128, one frame per env step, 20 fps = real time)
+    eval_returns, eval_costs = [], []
+    for i in range(args.eval_episodes):
+        frames = [] if args.capture_video else None
+        ep = mpc_episode(env, gp, args, False, generator, device, frames)
+        eval_returns.append(float(ep["return"]))
+        eval_costs.append(float(ep["cost"]))
         logger.log_episode(global_step, ep["return"], ep["cost"], ep["length"], prefix="eval")
         logger.scalar("eval/episodic_violations", ep["violations"], global_step)
         logger.scalar("eval/upright_fraction", ep["upright"], global_step)
         print(f"eval: return {ep['return']:.2f}, cost {ep['cost']:.3f}, violations {ep['violations']}", flush=True)
+        if frames:
+            path = save_video(frames, video_path(logger.run_dir, "eval", i), fps=round(1 / DT))
+            print(f"video of evaluation episode {i}: {path}", flush=True)
     env.close()
+    path = write_summary(
+        logger.run_dir, args, script="actsafe", start_time=start_time, env_id=env.spec.id, total_steps=global_step,
+        eval_return=float(np.mean(eval_returns)) if eval_returns else None,
+        eval_cost=float(np.mean(eval_costs)) if eval_returns else None,
+        train_cost=train_cost / args.gp_episodes, train_episodes=args.gp_episodes,
+        train_violating_episodes=int(violating_episodes), cost_limit=0.0, cost_rate=logger.cost_rate, sps=sps,
+        eval_returns=eval_returns, eval_costs=eval_costs)
+    print(f"summary: {path}", flush=True)
     logger.close()
 
 
@@ -1047,7 +1165,7 @@ def validate(args: Args) -> None:
     check_choice(args, "constraint", ["lagrangian", "lbsgd", "none"])
     for name in ("warmup_steps", "exploration_steps", "pessimism", "exploration_reward_scale", "epistemic_scale",
                  "initial_lagrangian", "penalty_power_factor", "lbsgd_eta_rate", "eval_episodes", "free_nats",
-                 "ensemble_init_jitter", "torch_threads"):
+                 "ensemble_init_jitter", "torch_threads", "checkpoint_every"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)!r}")
     if not 0 < args.gamma < 1:
@@ -1062,23 +1180,84 @@ def validate(args: Args) -> None:
     if args.store_chunk < 0 or 0 < args.store_chunk < args.sequence_length:
         raise SystemExit(f"error: --store-chunk ({args.store_chunk}) must be 0 (whole episodes) "
                          f"or >= --sequence-length ({args.sequence_length})")
-    if args.capture_video:
-        raise SystemExit("error: --capture-video is not supported by actsafe.py (the observations are the video)")
     try:
         normalize_env_id(args.env_id, vision=True)
     except ValueError as e:
         raise SystemExit(f"error: --env-id: {e}") from None
 
 
+# ---- resume (pixel variant): what a checkpoint holds, and how it is put back ----------------------------------------
+
+# flags a resumed run may change (common.checkpoint's list, the GP variant's length, and whether to record the videos)
+MAY_CHANGE_ON_RESUME = RESUMABLE_CHANGES + ("gp_episodes", "capture_video")
+
+
+def run_identity(args: Args, env_id: str) -> dict:
+    """What a checkpoint must agree with to be loaded: the env and everything that shapes the saved tensors."""
+    sizes = ("deter_dim", "stoch_dim", "hidden_dim", "ensemble_size", "cnn_depth", "head_units", "actor_units",
+             "critic_units", "exploration")
+    return {"script": "actsafe", "dynamics": "rssm", "env_id": env_id, **{k: getattr(args, k) for k in sizes}}
+
+
+def checkpoint_state(wm, acs, model_opt, actor_opts, critic_opts, constraint_states, buffer, logger, counters,
+                     args: Args) -> dict:
+    """The pixel loop's whole state; `Checkpointer.save` adds the step, every RNG state and the args."""
+    return {
+        "world_model": wm.state_dict(),
+        "actor_critics": {k: ac.state_dict() for k, ac in acs.items()},
+        "model_opt": model_opt.state_dict(),
+        "actor_opts": {k: opt.state_dict() for k, opt in actor_opts.items()},
+        "critic_opts": {k: opt.state_dict() for k, opt in critic_opts.items()},
+        "constraint_states": {k: {n: t.detach().clone() for n, t in cs.items()} for k, cs in constraint_states.items()},
+        # the stored episodes (compressed) and the sampling RNG; --no-checkpoint-buffer: the RNG only
+        "buffer": (buffer.state_dict() if args.checkpoint_buffer
+                   else {"episodes": [], "rng": buffer.rng.bit_generator.state}),
+        "logger": logger.state_dict(),
+        "counters": counters,
+    }
+
+
+def load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """Load an optimiser's state whatever the `capturable` setting of the run that saved it: a checkpoint written with
+    CUDA graphs (capturable Adam) resumes on the CPU and vice versa (Adam then moves its step counters as it needs)."""
+    capturable = opt.param_groups[0]["capturable"]
+    opt.load_state_dict({**saved, "param_groups": [{**g, "capturable": capturable} for g in saved["param_groups"]]})
+
+
+def load_checkpoint_state(state: dict, wm, acs, model_opt, actor_opts, critic_opts, constraint_states,
+                          buffer) -> dict:
+    """Put a checkpoint back into the freshly built modules, optimisers, constraint states (in place: the compiled or
+    captured update holds these tensors) and replay. Returns the loop's counters."""
+    wm.load_state_dict(state["world_model"])
+    for k, ac in acs.items():
+        ac.load_state_dict(state["actor_critics"][k])
+        load_optimizer(actor_opts[k], state["actor_opts"][k])
+        load_optimizer(critic_opts[k], state["critic_opts"][k])
+        for name, tensor in constraint_states[k].items():
+            tensor.copy_(state["constraint_states"][k][name])
+    load_optimizer(model_opt, state["model_opt"])
+    buffer.load_state_dict(state["buffer"])
+    return state["counters"]
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    args, resumed = resume_run(args, "actsafe", MAY_CHANGE_ON_RESUME)  # --resume runs/<run>: that run's flags
     validate(args)
     if args.dynamics == "gp":  # ActSafe with GP dynamics: its own loop, `run_gp` in the GP section above
-        run_gp(args)
+        run_gp(args, resumed)
         raise SystemExit(0)
+    start_time = time.time()
     env_id, _ = normalize_env_id(args.env_id, vision=True)
-    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    logger = Logger(run_name, args)
+    identity = run_identity(args, env_id)
+    if resumed:  # the same run directory and TensorBoard curves (what was logged after the checkpoint is dropped)
+        check_identity(resumed["identity"], identity, resumed["path"])
+        run_dir = resumed["run_dir"]
+        logger = Logger(os.path.basename(run_dir), args, root=os.path.dirname(run_dir),
+                        resume_step=resumed["state"]["step"])
+    else:
+        run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        logger = Logger(run_name, args)
     seed_everything(args.seed, args.torch_deterministic)
     device = get_device(args.cuda)
     if args.torch_threads > 0:
@@ -1110,6 +1289,7 @@ if __name__ == "__main__":
                              "eta": torch.tensor(args.lbsgd_eta, device=device)} for k in acs}
     budget = safety_budget(args.cost_limit, args.episode_length, args.gamma)
     buffer = EpisodeBuffer(args.buffer_capacity, device, seed=args.seed)
+    checkpoint_every = 100_000 if args.checkpoint_every is None else args.checkpoint_every
     # the update of each phase: the eager `update` above, or the same function compiled and/or captured as a CUDA
     # graph; during expansion both actor-critics are trained, afterwards the task one only
     exploration_end = args.exploration_steps if explore_ac is not None else 0
@@ -1124,17 +1304,33 @@ if __name__ == "__main__":
           f"{min(args.warmup_steps, args.total_timesteps)} random-action warm-up steps; "
           + (f"expansion (exploration policy acts) until step {min(exploration_end, args.total_timesteps)}, then "
              if exploration_end > 0 else "") +
-          f"the task policy; {args.train_steps} updates every {args.train_every} env steps", flush=True)
+          f"the task policy; {args.train_steps} updates every {args.train_every} env steps; "
+          f"{'a checkpoint every ' + str(checkpoint_every) + ' env steps and ' if checkpoint_every else ''}"
+          f"a checkpoint at the end of training", flush=True)
 
-    # the start: every env's first row (Dreamer's convention: row t = o_t, a_{t-1}, r_t, c_t)
-    obs, _ = envs.reset(seed=args.seed)
+    global_step, updates, next_train, next_log = 0, 0, args.warmup_steps, args.log_every
+    train_episodes, train_cost, violating_episodes = 0, 0.0, 0  # for summary.json
+    if resumed:  # networks, optimisers, multipliers, replay, counters and logger as saved, then every RNG state
+        c = load_checkpoint_state(resumed["state"], wm, acs, model_opt, actor_opts, critic_opts, constraint_states,
+                                  buffer)
+        logger.load_state_dict(resumed["state"]["logger"])
+        logger.total_steps = args.total_timesteps  # the saved total is the old one; --total-timesteps may change
+        global_step, updates, next_train, next_log = c["global_step"], c["updates"], c["next_train"], c["next_log"]
+        train_episodes, train_cost, violating_episodes = c["train_episodes"], c["train_cost"], c["violating_episodes"]
+        set_rng_state(resumed["state"]["rng"])
+        print(f"resuming {logger.run_dir} at step {global_step} (phase {c['phase']}, {updates} updates, "
+              f"{len(buffer.episodes)} stored episodes; the environments restart new episodes)", flush=True)
+    checkpointer = Checkpointer(logger.run_dir, checkpoint_every, identity, start_step=global_step)
+
+    # the start: every env's first row (Dreamer's convention: row t = o_t, a_{t-1}, r_t, c_t); a resumed run starts
+    # new episodes (seeded by the step, so they differ from the run's first ones)
+    obs, _ = envs.reset(seed=args.seed + global_step)
     zero_action = np.zeros(action_dim, np.float32)
     for i in range(args.num_envs):
         buffer.add({"obs": obs[i], "action": zero_action, "reward": np.float32(0), "cost": np.float32(0)}, i)
     filter_state = wm.rssm.initial(args.num_envs, device)
     prev_action = torch.zeros(args.num_envs, action_dim, device=device)
 
-    global_step, updates, next_train, next_log = 0, 0, args.warmup_steps, args.log_every
     steps_per_iteration = args.num_envs * args.action_repeat
     updates_per_s = 0.0
     while global_step < args.total_timesteps:
@@ -1153,6 +1349,8 @@ if __name__ == "__main__":
         logger.log_costs(global_step, cost)
         for _, episode in finished_episodes(info):
             logger.log_episode(global_step, episode["r"], episode["c"], episode["l"])
+            train_episodes, train_cost = train_episodes + 1, train_cost + episode["c"]
+            violating_episodes += episode["c"] > args.cost_limit
 
         # ---- store: the step's row; a finished episode's last row holds its final observation
         done = np.logical_or(terminated, truncated)
@@ -1196,6 +1394,16 @@ if __name__ == "__main__":
             next_log += args.log_every
             logger.scalar("charts/phase", 0.0 if phase == "explore" else 1.0, global_step)  # 0 expansion, 1 task
             logger.console(global_step, f"updates/s={updates_per_s:.2f} updates={updates} phase={phase}")
+
+        # ---- checkpoint: every --checkpoint-every env steps and at the end of training (before the evaluation),
+        # at the end of the iteration, after its logging: a resumed run continues with the next iteration
+        if checkpointer.due(global_step) or global_step >= args.total_timesteps:
+            counters = dict(global_step=global_step, updates=updates, next_train=next_train, next_log=next_log,
+                            phase="explore" if global_step < exploration_end else "task",
+                            train_episodes=train_episodes, train_cost=train_cost, violating_episodes=violating_episodes)
+            checkpointer.save(global_step, checkpoint_state(wm, acs, model_opt, actor_opts, critic_opts,
+                                                            constraint_states, buffer, logger, counters, args), args)
+    sps = logger.sps(global_step)  # of training (the evaluation below is not counted)
     if args.save_model:
         path = os.path.join(logger.run_dir, f"{args.exp_name}.cleanrl_model")
         torch.save({"world_model": wm.state_dict(), **{f"{k}_actor_critic": ac.state_dict() for k, ac in acs.items()},
@@ -1203,12 +1411,17 @@ if __name__ == "__main__":
         print(f"model saved to {path}", flush=True)
 
     # final evaluation: the task policy's deterministic action, filtering its own observations, on the training
-    # environments reset with a new seed (building Vision environments costs seconds each on a CPU)
+    # environments reset with a new seed (building Vision environments costs seconds each on a CPU).
+    # --capture-video: each evaluation episode's camera frames (what the agent sees), upscaled 4x, as an mp4
     eval_returns, eval_costs = [], []
     obs, _ = envs.reset(seed=args.seed + 10_000)
     state = wm.rssm.initial(args.num_envs, device)
     prev = torch.zeros(args.num_envs, action_dim, device=device)
+    frames = [[] for _ in range(args.num_envs)]
     while len(eval_returns) < args.eval_episodes:
+        if args.capture_video:
+            for i in range(args.num_envs):
+                frames[i].append(obs[i])
         with torch.no_grad():
             embed = wm.encoder(wm.preprocess(torch.as_tensor(obs, device=device)))
             state, _ = wm.rssm.obs_step(state, prev, embed)
@@ -1216,13 +1429,28 @@ if __name__ == "__main__":
         obs, _, _, terminated, truncated, info = envs.step(to_env(prev.cpu().numpy()))
         keep = torch.as_tensor(~np.logical_or(terminated, truncated), device=device, dtype=torch.float32)[:, None]
         state, prev = {k: v * keep for k, v in state.items()}, prev * keep
-        for _, episode in finished_episodes(info):
+        for i, episode in finished_episodes(info):
             if len(eval_returns) < args.eval_episodes:
                 eval_returns.append(episode["r"])
                 eval_costs.append(episode["c"])
                 logger.log_episode(global_step, episode["r"], episode["c"], episode["l"], prefix="eval")
+                if args.capture_video:  # the frames o_0 .. o_T: CHW -> HWC, each pixel a 4x4 block
+                    video = [f.transpose(1, 2, 0).repeat(4, 0).repeat(4, 1) for f in frames[i]]
+                    video.append(info["final_observation"][i].transpose(1, 2, 0).repeat(4, 0).repeat(4, 1))
+                    path = save_video(video, video_path(logger.run_dir, "eval", len(eval_returns) - 1), fps=25)
+                    print(f"video of evaluation episode {len(eval_returns) - 1}: {path}", flush=True)
+            frames[i] = []
     if eval_returns:
         print(f"eval: {len(eval_returns)} episodes, return {np.mean(eval_returns):.2f}, cost {np.mean(eval_costs):.2f}",
               flush=True)
     envs.close()
+    path = write_summary(
+        logger.run_dir, args, script="actsafe", start_time=start_time, env_id=env_id, total_steps=global_step,
+        eval_return=float(np.mean(eval_returns)) if eval_returns else None,
+        eval_cost=float(np.mean(eval_costs)) if eval_returns else None,
+        train_cost=train_cost / train_episodes if train_episodes else None, train_episodes=train_episodes,
+        train_violating_episodes=int(violating_episodes), cost_limit=args.cost_limit, cost_rate=logger.cost_rate,
+        sps=sps, updates=updates, eval_returns=[float(r) for r in eval_returns],
+        eval_costs=[float(c) for c in eval_costs])
+    print(f"summary: {path}", flush=True)
     logger.close()

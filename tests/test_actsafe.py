@@ -1,8 +1,13 @@
-"""Tests of actsafe.py: the paper's formulas against hand computations, gradient routing, input checks, smoke runs."""
+"""Tests of actsafe.py: the paper's formulas against hand computations, gradient routing, input checks, smoke runs,
+kill-and-resume."""
 
 import dataclasses
+import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 import unittest.mock
 
 import numpy as np
@@ -28,7 +33,8 @@ from actsafe import (
     update_penalty,
     validate,
 )
-from conftest import forbid_host_syncs, read_scalars, run_dirs, run_script
+from common.checkpoint import read_checkpoint, resume_run
+from conftest import REPO, forbid_host_syncs, read_scalars, run_dirs, run_script, run_until_killed
 
 TINY = dict(deter_dim=16, stoch_dim=4, hidden_dim=16, cnn_depth=4, head_units=16, actor_units=16, critic_units=16,
             ensemble_size=3, imag_horizon=4)
@@ -319,8 +325,8 @@ def test_intrinsic_reward_is_the_scaled_uncertainty():
     (dict(kl_balance=-0.1), "--kl-balance must be in"),
     (dict(store_chunk=10, sequence_length=50), "--store-chunk"),
     (dict(store_chunk=-1), "--store-chunk"),
-    (dict(capture_video=True), "--capture-video is not supported"),
     (dict(ensemble_init_jitter=-0.1), "--ensemble-init-jitter must be >= 0"),
+    (dict(checkpoint_every=-1), "--checkpoint-every must be >= 0"),
     (dict(lbsgd_backup_lr=0.0), "--lbsgd-backup-lr must be positive"),
     (dict(actor_init_scale=-1.0), "--actor-init-scale must be positive"),
     (dict(env_id="SafetyPointGaol1"), "Closest valid ids: SafetyPointGoal1"),
@@ -379,11 +385,21 @@ def test_smoke_actsafe_crosses_the_phase_switch(tmp_path):
     assert max(step for step, _ in s["losses/explore_actor_loss"]) <= 500  # exploration AC stops training
     assert s["charts/episodic_length"][0][1] == 500  # 1000 env steps with action repeat 2
     assert s["charts/updates"][-1][1] == 8  # 4 rounds (steps 250, 500, 750, 1000) of 2 updates
+    # summary.json: the one training episode the run logged, no evaluation (--eval-episodes 0)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["total_steps"] == 1000 and summary["updates"] == 8 and summary["method"] == "actsafe"
+    assert summary["train_episodes"] == len(s["charts/episodic_return"]) == 1
+    assert summary["train_cost"] == pytest.approx(s["charts/episodic_cost"][0][1])
+    assert summary["train_violating_episodes"] == int(summary["train_cost"] > 25.0) and summary["cost_limit"] == 25.0
+    assert summary["eval_return"] is None and summary["eval_cost"] is None and summary["sps"] > 0
+    assert summary["cost_rate"] == pytest.approx(s["charts/cost_rate"][-1][1], abs=1e-6)
 
 
-def test_smoke_actsafe_lbsgd_greedy_eval_and_save(tmp_path):
+def test_smoke_actsafe_lbsgd_greedy_eval_video_and_save(tmp_path):
+    # --capture-video added in issue 15: the evaluation episode as an mp4 of the agent's frames, upscaled 4x
     run_script("actsafe.py", "--env-id", "SafetyPointGoal1-v0", "--constraint", "lbsgd", "--exploration", "greedy",
-               "--save-model", *tiny_flags(total_timesteps=100, warmup_steps=50, train_every=50, store_chunk=20, eval_episodes=1),
+               "--save-model", "--capture-video",
+               *tiny_flags(total_timesteps=100, warmup_steps=50, train_every=50, store_chunk=20, eval_episodes=1),
                cwd=tmp_path)
     (run,) = run_dirs(tmp_path)
     s = read_scalars(run)
@@ -391,6 +407,14 @@ def test_smoke_actsafe_lbsgd_greedy_eval_and_save(tmp_path):
     assert "charts/barrier_eta" in s and "charts/lagrange_multiplier" not in s
     assert not any(tag.startswith("losses/explore_") for tag in s)  # greedy: no exploration actor-critic
     assert os.path.exists(run / "actsafe.cleanrl_model")
+    import imageio.v2 as imageio
+
+    frames = [f for f in imageio.get_reader(run / "videos" / "eval-episode-0.mp4")]  # list() asks len(): inf
+    assert len(frames) == 501 and frames[0].shape == (256, 256, 3)  # o_0 .. o_500 (1000 env steps, repeat 2)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_return"] == pytest.approx(s["eval/episodic_return"][0][1], rel=1e-6)
+    assert summary["eval_cost"] == pytest.approx(s["eval/episodic_cost"][0][1])
+    assert summary["train_episodes"] == 0 and summary["train_cost"] is None and summary["total_steps"] == 100
 
 
 @pytest.mark.parametrize("catch_up, updates", [(False, 2), (True, 6)])
@@ -495,3 +519,174 @@ def test_a_full_update_makes_no_host_sync(monkeypatch):
     metrics = step(batches[0])
     monkeypatch.undo()
     assert "losses/model_loss" in metrics and "charts/explore_barrier_eta" in metrics
+
+
+# ---- resume (issue 15) ----------------------------------------------------------------------------------------------
+
+# 100 env steps (2 per iteration) with a checkpoint at 50; rounds of 1 update at 50 (before the kill; the one at 26
+# is skipped: nothing stored yet), 76 (expansion) and 100 (the task phase: --exploration-steps 75). The first sequence
+# (15 rows) is stored at step 28; the resumed run restarts its episode at 50 and stores its first sequence at 78,
+# after the round at 76, whose batch therefore comes from the restored replay alone
+RESUME_FLAGS = ("--env-id", "SafetyPointGoal1", *tiny_flags(
+    total_timesteps=100, checkpoint_every=50, train_steps=1, store_chunk=15, warmup_steps=25, train_every=25,
+    log_every=25, eval_episodes=0, exploration_steps=75, penalty_power_factor=0.5))
+
+# the resumed run as a user runs it, recording for each update the torch RNG state it starts from and its batch
+RECORDING_RUN = """
+import runpy, sys, torch
+sys.path.insert(0, {repo!r})
+from common.buffers import EpisodeBuffer
+samples, sample = [], EpisodeBuffer.sample
+def recording_sample(self, *args, **kwargs):
+    rng = torch.get_rng_state()
+    batch = sample(self, *args, **kwargs)
+    samples.append((rng, batch))
+    return batch
+EpisodeBuffer.sample = recording_sample
+sys.argv = ["actsafe.py", "--resume", {run_dir!r}]
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+finally:
+    torch.save(samples, "samples.pt")
+"""
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """A run SIGKILLed right after its checkpoint at step 50 (of 100), and a copy of that checkpoint."""
+    cwd = tmp_path_factory.mktemp("killed")
+    run_dir = run_until_killed("actsafe.py", *RESUME_FLAGS, cwd=cwd)
+    shutil.copy(run_dir / "checkpoint.pt", cwd / "checkpoint-50.pt")
+    return run_dir, cwd / "checkpoint-50.pt"
+
+
+def build_from_checkpoint(state: dict):
+    """The modules, optimisers, constraint states and replay of the script, built from the checkpoint's args and
+    loaded with plain `load_state_dict` calls (not with the script's `load_checkpoint_state`: a part the script
+    failed to restore would then show as a difference)."""
+    args = Args(**state["args"])
+    wm = WorldModel(2, args)
+    acs = {k: ActorCritic(wm.rssm.feature_dim, 2, args) for k in ("explore", "task")}
+    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, eps=args.adam_eps)  # noqa: E731
+    model_opt = adam(wm.parameters(), args.model_lr)
+    actor_opts = {k: adam(ac.actor.parameters(), args.actor_lr) for k, ac in acs.items()}
+    critic_opts = {k: adam([*ac.critic.parameters(), *ac.cost_critic.parameters()], args.critic_lr)
+                   for k, ac in acs.items()}
+    from common import EpisodeBuffer
+
+    wm.load_state_dict(state["world_model"])
+    model_opt.load_state_dict(state["model_opt"])
+    for k, ac in acs.items():
+        ac.load_state_dict(state["actor_critics"][k])
+        actor_opts[k].load_state_dict(state["actor_opts"][k])
+        critic_opts[k].load_state_dict(state["critic_opts"][k])
+    constraint_states = {k: {n: t.clone() for n, t in cs.items()} for k, cs in state["constraint_states"].items()}
+    buffer = EpisodeBuffer(args.buffer_capacity, seed=123)
+    buffer.load_state_dict(state["buffer"])
+    return args, wm, acs, model_opt, actor_opts, critic_opts, constraint_states, buffer
+
+
+def test_kill_and_resume_continues_the_run(killed_run):
+    run_dir, mid_path = killed_run
+    mid = read_checkpoint(mid_path)["state"]
+    assert mid["step"] == 50 and mid["counters"]["updates"] == 1 and mid["counters"]["phase"] == "explore"
+    assert len(mid["buffer"]["episodes"]) == 1  # the 15-row sequence; the open episode is left out
+
+    code = RECORDING_RUN.format(repo=str(REPO), run_dir=str(run_dir), script=str(REPO / "actsafe.py"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=run_dir.parent.parent, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resuming {run_dir} at step 50 (phase explore, 1 updates, 1 stored episodes" in proc.stdout
+
+    # the run reaches 100 in the same directory, with the counters and multipliers of an uninterrupted run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["total_steps"] == 100 and summary["updates"] == 3
+    end = read_checkpoint(run_dir / "checkpoint.pt")["state"]
+    assert end["step"] == 100 and end["counters"]["updates"] == 3 and end["counters"]["phase"] == "task"
+    assert end["counters"]["next_train"] == 125 and end["counters"]["next_log"] == 125
+    s = read_scalars(run_dir)
+    assert [step for step, _ in s["charts/updates"]] == [50, 76, 100]  # one curve, no doubled stretch
+    assert [v for _, v in s["charts/updates"]] == [1, 2, 3]
+    penalty = np.float32(actsafe.Args().initial_penalty)
+    for step, logged in s["charts/penalty_multiplier"]:  # c <- c (1 + 0.5) at each update, across the kill
+        penalty = np.float32(penalty * np.float32(1.5))
+        assert logged == pytest.approx(float(penalty), rel=1e-6), step
+    # the replay: the sequence stored before the kill, then what the resumed run stored
+    assert end["buffer"]["episodes"][0] == mid["buffer"]["episodes"][0]
+    assert len(end["buffer"]["episodes"]) == 2  # the resumed run's first sequence, stored at step 78
+
+    # the first losses after resuming = the losses the saved state gives on the same batches (the second update
+    # also checks the optimisers' moments and step counts): the script's update on the modules built from the
+    # checkpoint, from the torch RNG state each update of the resumed run started from
+    samples = torch.load(run_dir.parent.parent / "samples.pt", weights_only=False)
+    assert len(samples) == 2
+    args, wm, acs, model_opt, actor_opts, critic_opts, constraint_states, buffer = build_from_checkpoint(mid)
+    first_batch = buffer.sample(args.batch_size, args.sequence_length)  # the restored replay and its sampling RNG
+    for k, v in first_batch.items():
+        torch.testing.assert_close(v, samples[0][1][k], rtol=0, atol=0)
+    budget = safety_budget(args.cost_limit, args.episode_length, args.gamma)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the script (--torch-threads 1): the same summation order
+    try:
+        for (rng, batch), step in zip(samples, (76, 100)):
+            torch.set_rng_state(rng)
+            phase_acs = acs if step == 76 else {"task": acs["task"]}
+            metrics = actsafe.update(wm, model_opt, phase_acs, actor_opts, critic_opts, constraint_states, batch,
+                                     args=args, budget=budget)
+            for tag in ("losses/model_loss", "losses/image_loss", "losses/kl", "losses/actor_loss",
+                        "losses/critic_loss", "charts/lagrange_multiplier", "charts/slack"):
+                assert dict(s[tag])[step] == pytest.approx(metrics[tag].item(), rel=1e-6), (tag, step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_resume_refuses_a_damaged_checkpoint_a_missing_dir_and_another_env(killed_run, tmp_path):
+    _, mid_path = killed_run
+    damaged = tmp_path / "runs" / "damaged"
+    damaged.mkdir(parents=True)
+    data = mid_path.read_bytes()
+    (damaged / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # cut short on disk
+    proc = subprocess.run([sys.executable, str(REPO / "actsafe.py"), "--resume", str(damaged)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "is truncated or corrupt" in proc.stderr and "it was not loaded" in proc.stderr
+    # the same checks as the script's first line, in this process
+    with pytest.raises(SystemExit, match="no such run directory"):
+        resume_run(Args(resume=str(tmp_path / "runs" / "missing")), "actsafe", actsafe.MAY_CHANGE_ON_RESUME)
+    whole = tmp_path / "runs" / "whole"
+    whole.mkdir()
+    shutil.copy(mid_path, whole / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="--env-id: the run has 'SafetyPointGoal1', given 'SafetyCarGoal1'"):
+        resume_run(Args(resume=str(whole), env_id="SafetyCarGoal1"), "actsafe", actsafe.MAY_CHANGE_ON_RESUME)
+    with pytest.raises(SystemExit, match="--deter-dim: the run has 16, given 32"):  # other sizes
+        resume_run(Args(resume=str(whole), deter_dim=32), "actsafe", actsafe.MAY_CHANGE_ON_RESUME)
+    args, _ = resume_run(Args(resume=str(whole), total_timesteps=400), "actsafe", actsafe.MAY_CHANGE_ON_RESUME)
+    assert args.total_timesteps == 400 and args.deter_dim == 16  # a longer run: its own flags, the new length
+    # a checkpoint whose sizes do not fit the run (as if the flags had been allowed to change): named
+    state = read_checkpoint(whole / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="deter_dim: checkpoint 16, now 32"):
+        actsafe.check_identity(state["identity"], actsafe.run_identity(Args(deter_dim=32), "SafetyPointGoal1-v0"),
+                               whole / "checkpoint.pt")
+
+
+def test_optimiser_state_of_a_cuda_graph_run_loads_on_the_cpu():
+    # a run with --cudagraphs saves capturable Adam states; resumed on the CPU (no CUDA graphs) they must load into
+    # a plain Adam and step (a capturable Adam cannot step on the CPU)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    saved["param_groups"] = [{**g, "capturable": True} for g in saved["param_groups"]]  # as written on the GPU
+    fresh = torch.optim.Adam(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    with pytest.raises(AssertionError, match="capturable=True"):  # what loading it as it was would end in
+        plain = torch.optim.Adam(net.parameters(), lr=0.1)
+        plain.load_state_dict(saved)
+        plain.step()
+    actsafe.load_optimizer(fresh, saved)
+    assert fresh.param_groups[0]["capturable"] is False
+    for p in (p for g in fresh.param_groups for p in g["params"]):
+        p.grad = torch.ones_like(p)
+    fresh.step()
+    assert all(v["step"].item() == 2 for v in fresh.state.values())

@@ -1,7 +1,8 @@
 """Tests of `actsafe.py --dynamics gp`: the pendulum against a hand-stepped integrator, the GP against gpytorch and
 its defining properties, the planner on a toy problem, the intrinsic reward and the pessimism by hand, the input
-checks, and a two-episode smoke run of the real script."""
+checks, a two-episode smoke run of the real script, and its kill-and-resume."""
 
+import json
 import math
 import subprocess
 import sys
@@ -22,8 +23,10 @@ from actsafe import (
     pessimistic_trajectory_cost,
     validate,
 )
+import actsafe
+from common.checkpoint import read_checkpoint, resume_run
 from common.pendulum import MAX_EPISODE_STEPS, SPEED_LIMIT, make_safe_pendulum, speed_cost, swing_up_reward
-from conftest import REPO, read_scalars, run_dirs, run_script
+from conftest import REPO, read_scalars, run_dirs, run_script, run_until_killed
 
 F64 = dict(dtype=torch.float64)
 
@@ -243,6 +246,7 @@ def gp_args(**kw):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(dynamics="gp", env_id="SafetyPointGoal1"), "--env-id accepted: SafePendulum, SafePendulum-v0"),
     (dict(dynamics="gp", env_id="SafePendulum", num_envs=4), "--num-envs: pixel-variant flag"),
+    (dict(dynamics="gp", env_id="SafePendulum", checkpoint_buffer=False), "--no-checkpoint-buffer: pixel-variant"),
     (dict(dynamics="gp", env_id="SafePendulum", constraint="lbsgd", imag_horizon=3), "--constraint, --imag-horizon"),
     (dict(gp_beta=1.0), "--gp-beta: flag(s) of the GP variant; add --dynamics gp"),
     (dict(dynamics="sde"), "--dynamics must be one of rssm, gp"),
@@ -265,6 +269,7 @@ def test_variant_checks(kwargs, message):
     ("gp_elites", 500, r"--gp-elites \(500\) must be <= --gp-samples \(100\)"),
     ("gp_expansion_episodes", 11, r"--gp-expansion-episodes \(11\) must be <= --gp-episodes \(10\)"),
     ("gp_speed_margin", 6.0, "--gp-speed-margin must be below the speed limit"),
+    ("checkpoint_every", -100, "--checkpoint-every must be >= 0"),
 ])
 def test_gp_flag_checks(name, value, message):
     with pytest.raises(SystemExit, match=message):
@@ -287,12 +292,23 @@ def test_unknown_dynamics_on_the_command_line_is_a_message():
 
 # ---- smoke ------------------------------------------------------------------------------------------------------------
 
-def test_smoke_two_episodes(tmp_path):
-    run_script("actsafe.py", "--dynamics", "gp", "--env-id", "SafePendulum", "--gp-episodes", "2",
-               "--gp-expansion-episodes", "1", "--gp-samples", "16", "--gp-elites", "4", "--gp-particles", "3",
-               "--gp-iterations", "2", "--gp-horizon", "5", "--gp-offline-transitions", "30", "--gp-max-points", "40",
-               "--gp-fit-steps", "5", "--eval-episodes", "1", "--save-model", cwd=tmp_path)
-    (run,) = run_dirs(tmp_path)
+SMOKE_FLAGS = ("--dynamics", "gp", "--env-id", "SafePendulum", "--gp-episodes", "2", "--gp-expansion-episodes", "1",
+               "--gp-samples", "16", "--gp-elites", "4", "--gp-particles", "3", "--gp-iterations", "2", "--gp-horizon",
+               "5", "--gp-offline-transitions", "30", "--gp-max-points", "40", "--gp-fit-steps", "5",
+               "--eval-episodes", "1", "--save-model", "--capture-video")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The two-episode run, uninterrupted (also the reference of the kill-and-resume test)."""
+    cwd = tmp_path_factory.mktemp("smoke")
+    run_script("actsafe.py", *SMOKE_FLAGS, cwd=cwd)
+    (run,) = run_dirs(cwd)
+    return run
+
+
+def test_smoke_two_episodes(smoke_run):
+    run = smoke_run
     assert run.name.startswith("SafePendulum-v0__actsafe__1__")
     scalars = read_scalars(run)
     assert [s for s, _ in scalars["charts/episodic_return"]] == [100, 200]
@@ -307,3 +323,48 @@ def test_smoke_two_episodes(tmp_path):
         assert tag in scalars, tag
     assert all(math.isfinite(v) for tag in scalars for _, v in scalars[tag])
     assert (run / "actsafe.cleanrl_model").exists()
+    # issue 15: the evaluation episode drawn as a video (one frame per env step), summary.json
+    import imageio.v2 as imageio
+
+    frames = [f for f in imageio.get_reader(run / "videos" / "eval-episode-0.mp4")]  # list() asks len(): inf
+    assert len(frames) == MAX_EPISODE_STEPS + 1 and frames[0].shape == (128, 128, 3)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["total_steps"] == 200 and summary["train_episodes"] == len(scalars["charts/episodic_return"]) == 2
+    assert summary["train_violating_episodes"] == sum(v > 0 for _, v in scalars["charts/episodic_violations"])
+    assert summary["train_cost"] == pytest.approx(np.mean([v for _, v in scalars["charts/episodic_cost"]]), abs=1e-6)
+    assert summary["eval_return"] == pytest.approx(scalars["eval/episodic_return"][0][1], rel=1e-6)
+    assert summary["cost_limit"] == 0.0 and summary["sps"] > 0 and summary["env_id"] == "SafePendulum-v0"
+
+
+def test_draw_pendulum():
+    down = actsafe.draw_pendulum(np.array([-1.0, 0.0, 0.0]), size=64)  # hanging down, at rest
+    assert down.shape == (64, 64, 3) and down.dtype == np.uint8
+    rod = (down != 255).any(-1)
+    assert rod[50, 32] and not rod[14, 32]  # the rod below the pivot, nothing above it
+    fast_up = actsafe.draw_pendulum(np.array([1.0, 0.0, -7.0]), size=64)  # upright, over the speed limit: red
+    assert fast_up[14, 32].tolist() == [220, 30, 30] and not (fast_up[50, 32] != 255).any()
+
+
+# ---- resume (issue 15) ----------------------------------------------------------------------------------------------
+
+def test_kill_and_resume_is_the_uninterrupted_run(smoke_run, tmp_path):
+    # killed right after the checkpoint of episode 1, resumed: episode 2 and the evaluation are those of the
+    # uninterrupted run (the data, the GP, the planner's generator and the pendulum's start are all restored)
+    run_dir = run_until_killed("actsafe.py", *SMOKE_FLAGS, cwd=tmp_path)
+    state = read_checkpoint(run_dir / "checkpoint.pt")["state"]
+    assert state["step"] == 100 and state["episodes"] == 1 and len(state["inputs"]) == 30 + 50
+    proc = run_script("actsafe.py", "--resume", str(run_dir), cwd=tmp_path)
+    assert f"resuming {run_dir} at step 100 (episode 2 of 2, phase task)" in proc.stdout
+    resumed, reference = read_scalars(run_dir), read_scalars(smoke_run)
+    for tag in ("charts/episodic_return", "charts/episodic_cost", "losses/gp_nmll", "charts/gp_rmse",
+                "charts/cost_rate", "eval/episodic_return", "eval/upright_fraction"):
+        assert resumed[tag] == reference[tag], tag
+    end = read_checkpoint(run_dir / "checkpoint.pt")["state"]
+    assert end["step"] == 200 and end["episodes"] == 2 and len(end["inputs"]) == 30 + 2 * 50
+    assert json.loads((run_dir / "summary.json").read_text())["eval_return"] == pytest.approx(
+        json.loads((smoke_run / "summary.json").read_text())["eval_return"], rel=1e-12)
+    # a longer run from the same checkpoint: --gp-episodes may change; another env id may not
+    args, _ = resume_run(Args(resume=str(run_dir), gp_episodes=4), "actsafe", actsafe.MAY_CHANGE_ON_RESUME)
+    assert args.gp_episodes == 4 and args.dynamics == "gp" and args.gp_samples == 16
+    with pytest.raises(SystemExit, match="--env-id: the run has 'SafePendulum', given 'SafetyCarGoal1'"):
+        resume_run(Args(resume=str(run_dir), env_id="SafetyCarGoal1"), "actsafe", actsafe.MAY_CHANGE_ON_RESUME)
