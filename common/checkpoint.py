@@ -28,6 +28,7 @@ import os
 import random
 import signal
 import struct
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -140,12 +141,27 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def resume_run(args, script: str, may_change: tuple[str, ...] = RESUMABLE_CHANGES):
+def given_flags(argv: list[str], names) -> set[str]:
+    """The fields named on the command line (`--env-id X`, `--env_id=X`, `--no-cuda`), defaults included."""
+    given = set()
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name not in names and name.startswith("no_") and name[3:] in names:
+            name = name[3:]
+        if name in names:
+            given.add(name)
+    return given
+
+
+def resume_run(args, script: str, may_change: tuple[str, ...] = RESUMABLE_CHANGES, argv: list[str] | None = None):
     """`(args, None)` without `args.resume`; with it, `(the run's args, {"identity", "state", "path", "run_dir"})`.
 
     The run's saved flags replace the defaults, so `--resume runs/<run>` alone continues the run as it was started.
-    A flag given now with a value other than its default and the run's is refused (it would silently make another
-    run), except the flags in `may_change` (e.g. a longer `--total-timesteps`). A missing directory, a directory
+    A flag given now (on the command line, `argv`, default sys.argv; or set to a value other than its default) with
+    a value other than the run's is refused (it would silently make another run), except the flags in `may_change`
+    (e.g. a longer `--total-timesteps`). A missing directory, a directory
     without a checkpoint, a damaged checkpoint or one written by another script: a clear SystemExit.
     """
     if not getattr(args, "resume", None):
@@ -164,13 +180,16 @@ def resume_run(args, script: str, may_change: tuple[str, ...] = RESUMABLE_CHANGE
                          f"{saved['identity'].get('script')}.py, not by {script}.py")
     then = saved["state"].get("args", {})
     defaults = type(args)()
+    names = {f.name for f in dataclasses.fields(args)}
+    given = given_flags(sys.argv[1:] if argv is None else argv, names)
     merged, refused = {}, []
     for field in dataclasses.fields(args):
         name, now, default = field.name, getattr(args, field.name), getattr(defaults, field.name)
         before = then.get(name, default)
-        if name == "resume" or (now != default and now != before and name in may_change):
+        chosen = name in given or now != default  # typed now (even its default value), or set by the caller
+        if name == "resume" or (chosen and now != before and name in may_change):
             merged[name] = now
-        elif now != default and now != before:
+        elif chosen and now != before:
             refused.append(f"{_flag(name)}: the run has {before!r}, given {now!r}")
         else:
             merged[name] = before

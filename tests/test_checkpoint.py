@@ -142,6 +142,12 @@ def test_resume_run_takes_the_runs_flags_and_refuses_conflicting_ones(tmp_path, 
     with pytest.raises(SystemExit, match=r"--seed: the run has 3, given 7.*--hidden: the run has 64, given 32|"
                                          r"--hidden: the run has 64, given 32"):
         resume_run(TinyArgs(resume=str(run_dir), seed=7, hidden=32), "actsafe")
+    # a flag typed with its default value is seen too: the run's SafetyCarGoal1 is not silently continued
+    with pytest.raises(SystemExit, match="--env-id: the run has 'SafetyCarGoal1', given 'SafetyPointGoal1'"):
+        resume_run(TinyArgs(resume=str(run_dir)), "actsafe", argv=["--resume", str(run_dir), "--env-id",
+                                                                   "SafetyPointGoal1"])
+    args, _ = resume_run(TinyArgs(resume=str(run_dir), seed=3), "actsafe", argv=["--resume", str(run_dir), "--seed=3"])
+    assert args.env_id == "SafetyCarGoal1"  # a typed flag equal to the run's is fine
     with pytest.raises(SystemExit, match="written by actsafe.py, not by sagui.py"):
         resume_run(TinyArgs(resume=str(run_dir)), "sagui")
     with pytest.raises(SystemExit, match="no such run directory"):
