@@ -494,6 +494,7 @@ def test_smoke_sac_lag_baseline(tmp_path):
     (["--num-envs", "3"], "--update-every (100) must be a multiple of --num-envs (3)"),
     (["--compile", "yes"], "--compile must be one of auto, on, off"),
     (["--env-id", "SafetyPointSaguiStaticSource"], "source task"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be 0"),
 ])
 def test_bad_input_is_refused_clearly(flags, message, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "sagui.py"), *flags], cwd=tmp_path, capture_output=True,
@@ -708,3 +709,15 @@ def test_checkpoint_state_round_trip_with_and_without_the_replay(tmp_path):
                                                                                     "cpu")}, logger2)
     with pytest.raises(SystemExit, match="does not fit"):  # a replay of another width
         sagui.DeviceReplay(10, sagui.replay_fields(5, 2), "cpu").load_state_dict(buffer.state_dict())
+
+
+def test_help_says_what_total_timesteps_bounds(capsys, monkeypatch):
+    """The issue's example: `--total-timesteps 3000` first ran a 9M-step guide with no word of it."""
+    import tyro
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per flag help: the sentence is not wrapped
+    with pytest.raises(SystemExit):
+        tyro.cli(sagui.Args, args=["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "bounds the STUDENT stage only" in text and "the guide stage runs --guide-total-timesteps (9M" in text
+    assert "--resume" in text and "--checkpoint-every" in text and "--no-checkpoint-buffer" in text
