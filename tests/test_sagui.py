@@ -570,30 +570,43 @@ RESUME = ["--hidden-size", "8", "--batch-size", "16", "--buffer-size", "5000", "
           "--random-steps", "50", "--eval-every", "100000", "--eval-episodes", "1", "--total-timesteps", "300"]
 
 
-def test_resume_in_the_student_stage_continues_with_the_saved_state(guide_run, tmp_path):
-    """Killed after its checkpoint at step 150, resumed: the run reaches 300 with every step's row in its buffers,
-    and the first gradient step after resuming gives the losses that the checkpoint gives on the same batch."""
+def test_a_run_killed_in_each_stage_resumes_there_with_the_saved_state(tmp_path):
+    """Killed in the guide stage, resumed there; killed again in the student stage, resumed there without training
+    the guide again. The run reaches its 300 student steps with every step's row in its buffers, the curves go on
+    without a gap or a doubled stretch, and the first gradient step after resuming gives the losses that the
+    checkpoint gives on the same batch."""
     from common.checkpoint import load_checkpoint, pack_array, set_rng_state, unpack_array
 
-    flags = ["--guide-path", str(guide_run / "guide.pt"), *RESUME, "--update-every", "1", "--log-every", "1",
-             "--checkpoint-every", "150"]  # a gradient step and a log line at every env step: step 151 is logged
-    run_dir = run_until_killed("sagui.py", *flags, cwd=tmp_path)
+    flags = [*RESUME, "--guide-total-timesteps", "300", "--update-every", "1", "--log-every", "1",
+             "--checkpoint-every", "200"]  # a gradient step and a log line at every env step: step 101 is logged
+    run_dir = run_until_killed("sagui.py", *flags, cwd=tmp_path)  # killed at step 200 of the guide stage
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", SAFERL_KILL_AFTER_CHECKPOINT="2")
+    proc = subprocess.run([sys.executable, str(REPO / "sagui.py"), "--resume", str(run_dir)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    # its checkpoints: the end of the guide stage (run step 300), then run step 400 = student step 100: killed
+    assert proc.returncode == -9, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resuming {run_dir} at step 200 (stage guide, the student follows" in proc.stdout
+    guide_lines = [line.split()[0] for line in proc.stdout.splitlines() if "[guide]" in line]
+    assert guide_lines[0] == "global_step=201/300" and guide_lines[-1] == "global_step=300/300"
     saved = load_checkpoint(run_dir / "checkpoint.pt")
-    assert saved["stage"] == "student" and saved["step"] == saved["stage_step"] == 150
+    assert saved["stage"] == "student" and (saved["step"], saved["stage_step"]) == (400, 100)
+    guide_file = (run_dir / "guide.pt").stat()
     proc = run_script("sagui.py", "--resume", str(run_dir), cwd=tmp_path)
-    assert f"resuming {run_dir} at step 150 (stage student" in proc.stdout
+    assert f"resuming {run_dir} at step 100 (stage student" in proc.stdout
+    assert "[guide]" not in proc.stdout and "guide alone" not in proc.stdout  # the guide is not trained again
+    assert (run_dir / "guide.pt").stat().st_mtime_ns == guide_file.st_mtime_ns
     final = load_checkpoint(run_dir / "checkpoint.pt")
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert final["step"] == summary["total_steps"] == 300
-    sizes = {k: final["buffers"][k]["size"] for k in ("rb", "rb_guide")}
-    assert sum(sizes.values()) == 300  # every student step's row, the 150 restored ones included
+    assert final["stage_step"] == summary["total_steps"] == 300 and summary["guide_steps"] == 300
+    assert sum(final["buffers"][k]["size"] for k in ("rb", "rb_guide")) == 300  # the 100 restored rows kept
     scalars = read_scalars(run_dir)
-    steps = [s for s, _ in scalars["losses/qr_loss"]]
-    assert steps == list(range(100, 301)), "the curve continues without a gap or a doubled stretch"
+    assert [s for s, _ in scalars["guide/losses/qr_loss"]] == list(range(100, 301))
+    assert [s for s, _ in scalars["losses/qr_loss"]] == list(range(100, 301))
+    assert len(scalars["guide/eval_deterministic/episodic_cost"]) == 1
 
     # the first gradient step after resuming, redone from the checkpoint: same networks, multipliers and buffers,
     # the same RNG draws (one behaviour-policy step, which draws the student's and the guide's noise, then the batch)
-    args = sagui.Args(**{k: v for k, v in saved["args"].items()})
+    args = sagui.Args(**saved["args"])
     space = make_safety_env("SafetyPointGoal1", seed=0).action_space
     guide = sagui.Actor(44, 2, saved["guide"]["hidden_size"], space.low, space.high)
     guide.load_state_dict(saved["guide"]["actor"])
@@ -602,8 +615,7 @@ def test_resume_in_the_student_stage_continues_with_the_saved_state(guide_run, t
     fields = sagui.replay_fields(60, 2)
     rb, rb_guide = (sagui.DeviceReplay(args.buffer_size // 2, fields, "cpu") for _ in range(2))
     rb_guide.load_state_dict(saved["buffers"]["rb_guide"])
-    assert final["buffers"]["rb_guide"]["size"] == saved["buffers"]["rb_guide"]["size"]  # step 151: the student acts
-    size = saved["buffers"]["rb"]["size"] + 1  # the rows at step 151: the saved ones and the new episode's first
+    size = saved["buffers"]["rb"]["size"] + 1  # step 101, a new episode: the student acts, its row goes to rb
     rows = unpack_array(final["buffers"]["rb"]["rows"])[:size]
     np.testing.assert_array_equal(rows[:-1], unpack_array(saved["buffers"]["rb"]["rows"]))
     rb.load_state_dict({"rows": pack_array(rows), "pos": size, "size": size, "capacity": args.buffer_size // 2})
@@ -617,35 +629,9 @@ def test_resume_in_the_student_stage_continues_with_the_saved_state(guide_run, t
         out = student.update({k: torch.cat([b_s[k], b_g[k]]) for k in b_s})
     else:
         out = student.update(rb.sample(args.batch_size))
-    logged = {k: dict(scalars[f"losses/{k}"])[151] for k in ("qr_loss", "qc_loss", "actor_loss", "alpha_loss",
-                                                             "beta_loss")}
-    for k, v in logged.items():
-        assert float(out[k]) == pytest.approx(v, rel=1e-4, abs=1e-6), k
-    assert dict(scalars["charts/lagrange_multiplier"])[151] == pytest.approx(student.beta, rel=1e-5)
-
-
-def test_a_run_killed_in_each_stage_resumes_there_and_does_not_redo_finished_stages(tmp_path):
-    flags = [*RESUME, "--guide-total-timesteps", "300", "--update-every", "50", "--log-every", "100",
-             "--checkpoint-every", "200"]
-    run_dir = run_until_killed("sagui.py", *flags, cwd=tmp_path)  # killed at step 200 of the guide stage
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", SAFERL_KILL_AFTER_CHECKPOINT="2")
-    proc = subprocess.run([sys.executable, str(REPO / "sagui.py"), "--resume", str(run_dir)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -9, proc.stdout + proc.stderr  # killed after its 2nd checkpoint: student step 100
-    assert "at step 200 (stage guide, the student follows" in proc.stdout
-    guide_lines = [line for line in proc.stdout.splitlines() if "[guide]" in line]
-    assert [line.split()[0] for line in guide_lines] == ["global_step=300/300"]  # steps 200-300 only
-    guide_file = (run_dir / "guide.pt").stat()
-    proc = run_script("sagui.py", "--resume", str(run_dir), cwd=tmp_path)
-    assert "at step 100 (stage student" in proc.stdout
-    assert "[guide]" not in proc.stdout and "guide alone" not in proc.stdout  # the guide is not trained again
-    assert (run_dir / "guide.pt").stat().st_mtime_ns == guide_file.st_mtime_ns
-    scalars = read_scalars(run_dir)
-    assert [s for s, _ in scalars["guide/losses/qr_loss"]] == [100, 200, 300]
-    assert [s for s, _ in scalars["losses/qr_loss"]] == [100, 200, 300]
-    assert len(scalars["guide/eval_deterministic/episodic_cost"]) == 1
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["total_steps"] == 300 and summary["guide_steps"] == 300 and summary["stage"] == "student"
+    for k in ("qr_loss", "qc_loss", "actor_loss", "alpha_loss", "beta_loss"):
+        assert float(out[k]) == pytest.approx(dict(scalars[f"losses/{k}"])[101], rel=1e-4, abs=1e-6), k
+    assert dict(scalars["charts/lagrange_multiplier"])[101] == pytest.approx(student.beta, rel=1e-5)
 
 
 def test_resume_of_a_missing_foreign_or_damaged_run_is_refused_clearly(guide_run, tmp_path):
