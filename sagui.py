@@ -55,6 +55,26 @@ Deviations (see docs/sagui.md for the full list and the reasons)
 - Speed: replay lives on the device (one copy per env step, one gather per minibatch); `--compile` wraps the
   same update and acting functions in torch.compile (LeanRL's way); `--num-envs` steps several environments
   per iteration and keeps one gradient step per environment step.
+
+Budgets: `--total-timesteps` bounds the student stage only; the guide stage before it has its own
+`--guide-total-timesteps` (9M by default). The plan printed at the start gives each stage's budget.
+
+Resume, video, summary (issue 15)
+- `--checkpoint-every N` writes runs/<run>/checkpoint.pt every N env steps of the run (the guide's steps, then
+  guide_steps + the student's), at the end of the guide stage (as the student stage's first checkpoint) and at
+  the end of the run (after the final evaluation). It holds the stage, that stage's SAC-Lagrangian (networks,
+  targets, alpha, beta, optimisers), its replay buffers (not with --no-checkpoint-buffer), the episode counters,
+  the logger's counters, the linear-decay and action-space generators and (common/checkpoint.py) all RNG states
+  and args; in the student stage also the frozen guide. `--resume runs/<run>` continues in the stage it was in:
+  a run killed in the guide stage continues its guide, one killed in the student stage keeps its guide. The
+  environments are reset with seed + step (the episodes in progress are lost; control-switch hands the new
+  episodes to the student, linear-decay draws who acts as at any episode start). Without the replay in the
+  checkpoint a resumed stage collects max(--learning-starts, --batch-size) steps before updating again.
+- `--capture-video`: the first episode of every evaluation of the student alone, runs/<run>/videos/.
+- runs/<run>/summary.json at the end: the student's final evaluation, its training episodes (behaviour policy)
+  against --cost-limit, plus the guide stage's numbers as guide_* entries (a --guide-only run reports the guide
+  stage instead: its source-task training episodes against --guide-cost-limit, and its deterministic evaluation
+  alone in the target task).
 """
 
 from __future__ import annotations
@@ -86,7 +106,10 @@ from common import (
     observation_slices,
     seed_everything,
 )
+from common.checkpoint import Checkpointer, check_identity, pack_array, resume_run, set_rng_state, unpack_array
 from common.envs import EpisodeStatistics
+from common.summary import write_summary
+from common.video import save_video, video_path
 from common.sagui_tasks import paper_cost_limit, source_id
 
 
@@ -101,7 +124,9 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
     capture_video: bool = False
-    """not supported by this script (kept for CleanRL's common block); setting it is an error"""
+    """record the student's evaluation episodes as mp4 under runs/<run>/videos/ (the first episode of every
+    evaluation, Safety-Gymnasium's default camera, 256x256, every --video-frame-stride-th step); rendering costs
+    about 0.1 s per frame on a CPU (2 min per 1000-step episode at stride 1)"""
     save_model: bool = False
     """save the student (networks, alpha, beta, targets, optimisers) to runs/<run>/student.pt; the guide is
     always saved to runs/<run>/guide.pt"""
@@ -111,10 +136,12 @@ class Args:
     """target task: SafetyPointGoal1 (the paper's Dynamic), SafetyPointSaguiStatic, SafetyCarSaguiSemiDynamic,
     or another Safety-Gymnasium Goal/Push id (state observations with a goal part)"""
     total_timesteps: int = 4_500_000
-    """student (target task) environment steps only (paper: Static 1.5M, Semi-Dynamic 3M, Dynamic 4.5M); the guide
-    phase first runs --guide-total-timesteps of its own unless --guide-path reuses a saved guide"""
+    """bounds the STUDENT stage only: its environment steps in the target task (paper: Static 1.5M, Semi-Dynamic 3M,
+    Dynamic 4.5M). Before it, the guide stage runs --guide-total-timesteps (9M by default) steps of its own in the
+    source task, unless --guide-path reuses a saved guide or --no-use-guide drops the guide"""
     guide_total_timesteps: int = 9_000_000
-    """guide (source task) environment steps (authors' code default; not in the paper)"""
+    """guide stage: environment steps in the source task, before the student's --total-timesteps (authors' code
+    default; not in the paper)"""
     guide_path: Optional[str] = None
     """reuse a saved guide (runs/<run>/guide.pt) and skip the guide phase"""
     guide_only: bool = False
@@ -191,6 +218,20 @@ class Args:
     """episodes per evaluation (also of the guide alone, after its training)"""
     log_every: int = 1000
     """console line and multiplier/loss scalars every this many steps"""
+    video_frame_stride: int = 1
+    """--capture-video: keep every this many env steps of the recorded episode as a frame (the episode runs whole)"""
+    checkpoint_every: int = 50_000
+    """write runs/<run>/checkpoint.pt every this many env steps of the run (the guide stage's, then the student's
+    counted after them), at the end of the guide stage and of the run (0: only then). At the default sizes a
+    checkpoint takes 10-12 MiB and 1.5 s with 50k replay rows, 157-182 MiB and 32-38 s with the full 1M rows (zlib
+    on the rows is most of it; 2 shared CPU cores under load), 2-3 MiB and 0.3 s with --no-checkpoint-buffer"""
+    checkpoint_buffer: bool = True
+    """put the replay buffers in the checkpoint; --no-checkpoint-buffer leaves them out (small files; a resumed
+    run refills them for max(--learning-starts, --batch-size) steps before updating again)"""
+    resume: Optional[str] = None
+    """a run directory runs/<run> to continue; its flags are used, only --total-timesteps/--checkpoint-every/
+    --checkpoint-buffer/--cuda/--compile may change. It continues in the stage it was in (a finished guide stage is
+    not redone) from its last checkpoint; the environments are reset (the episodes in progress are lost)"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,8 +295,8 @@ def make_source_env(env_id: str, seed: int, displacement_scale: float):
     return thunk
 
 
-def make_target_env(env_id: str, seed: int):
-    return lambda: make_safety_env(env_id, seed=seed)
+def make_target_env(env_id: str, seed: int, render: bool = False):
+    return lambda: make_safety_env(env_id, seed=seed, render_mode="rgb_array" if render else None)
 
 
 def per_step_cost_target(cost_limit: float, gamma: float, horizon: int) -> float:
@@ -358,6 +399,18 @@ class DeviceReplay:
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         rows = self.data[torch.randint(self.size, (batch_size,), device=self.data.device)]
         return {k: rows[:, s].reshape(batch_size, *shape) for k, (s, shape) in self.columns.items()}
+
+    def state_dict(self) -> dict:
+        """The stored rows (zlib-compressed), position and size, for a checkpoint."""
+        return {"rows": pack_array(self.data[: self.size].cpu().numpy()), "pos": self.pos, "size": self.size,
+                "capacity": self.capacity}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["capacity"] != self.capacity or state["rows"]["shape"][1:] != tuple(self.data.shape[1:]):
+            raise SystemExit(f"error: the checkpoint's replay ({state['capacity']} x {state['rows']['shape'][1:]}) "
+                             f"does not fit this run's ({self.capacity} x {tuple(self.data.shape[1:])})")
+        self.data[: state["size"]] = torch.from_numpy(unpack_array(state["rows"]).copy()).to(self.data.device)
+        self.pos, self.size = state["pos"], state["size"]
 
 
 def replay_fields(obs_dim, act_dim):
@@ -554,6 +607,14 @@ class SACLagrangian:
         opts = {name: getattr(self, name).state_dict() for name in ("actor_opt", "q_opt", "alpha_opt", "beta_opt")}
         return {**nets, **opts, "soft_alpha": self.soft_alpha.detach().cpu(), "soft_beta": self.soft_beta.detach().cpu()}
 
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("actor", "qr1", "qr2", "qc", "qr1_t", "qr2_t", "qc_t", "actor_opt", "q_opt", "alpha_opt",
+                     "beta_opt"):
+            getattr(self, name).load_state_dict(state[name])
+        with torch.no_grad():  # in place: the optimisers hold these very tensors
+            self.soft_alpha.copy_(state["soft_alpha"])
+            self.soft_beta.copy_(state["soft_beta"])
+
 
 def behaviour_policy(student_actor: Actor, guide: Optional[Actor], xi_index, obs, guide_acts, clip_low, clip_high):
     """The composite behaviour policy for one step of every env (guide_acts: who acts, True = the guide).
@@ -604,20 +665,27 @@ def real_next_obs(next_obs, truncated, terminated, info):
 
 @torch.no_grad()
 def evaluate(actor: Actor, env_fn, episodes: int, seed: int, device, obs_index=None,
-             deterministic: bool = False) -> list[tuple[float, float]]:
+             deterministic: bool = False, video: Optional[str] = None, frame_stride: int = 1):
     """One policy alone in the target task: a list of (return, cost) per episode.
 
-    The student sees the whole observation; the guide (`obs_index` = Xi's indices) sees Xi(s).
+    The student sees the whole observation; the guide (`obs_index` = Xi's indices) sees Xi(s). With `video` (an mp4
+    path; `env_fn` must render rgb_array frames) the first episode is recorded, every `frame_stride`-th step.
     """
     env, results = env_fn(), []
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
-        done = False
+        record = video is not None and ep == 0
+        frames = [env.render()] if record else []
+        done, t = False, 0
         while not done:
             obs = obs if obs_index is None else obs[obs_index]
             action, _ = actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None], deterministic)
             obs, _, terminated, truncated, info = env.step(action[0].cpu().numpy())
-            done = terminated or truncated
+            done, t = terminated or truncated, t + 1
+            if record and (t % frame_stride == 0 or done):
+                frames.append(env.render())
+        if record:
+            save_video(frames, video, fps=max(1, 30 // frame_stride))
         results.append((info["episode"]["r"], info["episode"]["c"]))
     env.close()
     return results
@@ -651,11 +719,9 @@ def load_guide(path: str, env_id: str, kept_keys: list[str], xi_dim: int, act_di
 
 
 def check_args(args: Args) -> None:
-    if args.capture_video:
-        raise SystemExit("error: --capture-video is not supported by sagui.py (state observations only)")
-    check_positive(args, "total_timesteps", "guide_cost_limit", "max_episode_steps", "hidden_size",
-                   "batch_size", "buffer_size", "lr", "beta_lr", "tau", "update_every", "eval_every", "eval_episodes",
-                   "log_every", "is_clip_low", "is_clip_high", "num_envs")
+    check_positive(args, "total_timesteps", "video_frame_stride", "guide_cost_limit", "max_episode_steps",
+                   "hidden_size", "batch_size", "buffer_size", "lr", "beta_lr", "tau", "update_every", "eval_every",
+                   "eval_episodes", "log_every", "is_clip_low", "is_clip_high", "num_envs")
     if args.cost_limit is not None:
         check_positive(args, "cost_limit")
     if args.use_guide and args.guide_path is None:
@@ -685,7 +751,11 @@ def check_args(args: Args) -> None:
         raise SystemExit("error: --beta-damp and --guide-beta-damp must be >= 0")
     if args.random_steps < 0 or args.learning_starts < 0:
         raise SystemExit("error: --random-steps and --learning-starts must be >= 0")
-    if args.guide_path is not None and not os.path.isfile(args.guide_path):
+    if args.checkpoint_every < 0:
+        raise SystemExit(f"error: --checkpoint-every must be 0 (only at the end of each stage) or positive, got "
+                         f"{args.checkpoint_every}")
+    if args.guide_path is not None and not args.resume and not os.path.isfile(args.guide_path):
+        # (a resumed run takes its guide from the checkpoint)
         raise SystemExit(f"error: --guide-path {args.guide_path!r} is not a file (expected runs/<run>/guide.pt)")
     if args.guide_path is not None and not args.use_guide:
         raise SystemExit("error: --guide-path and --no-use-guide contradict each other")
@@ -707,13 +777,53 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"error: --env-id {args.env_id!r} is a guide's source task (no goal); give its target task")
 
 
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: what a stage needs to continue (common/checkpoint.py writes them atomically, with args and RNG states)
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_state(stage: str, agent: SACLagrangian, buffers: dict, logger: Logger, args: Args, **extra) -> dict:
+    """A checkpoint of `stage` ("guide" or "student"): that stage's SAC-Lagrangian (networks, targets, alpha, beta,
+    optimisers), its replay buffers (unless --no-checkpoint-buffer), its logger's counters, and `extra` (episode
+    counters, generators, the frozen guide in the student stage). `Checkpointer.save` adds the step, args and RNGs."""
+    kept = {k: b.state_dict() for k, b in buffers.items() if b is not None} if args.checkpoint_buffer else None
+    logger.writer.flush()  # the curves up to this step are on disk before the checkpoint that says they are
+    return {"stage": stage, "agent": agent.state_dict(), "buffers": kept, "logger": logger.state_dict(), **extra}
+
+
+def load_checkpoint_state(state: dict, agent: SACLagrangian, buffers: dict, logger: Logger) -> bool:
+    """Load a stage's checkpoint into freshly built objects; returns whether the replay buffers were in it."""
+    agent.load_state_dict(state["agent"])
+    logger.load_state_dict(state["logger"])
+    if state["buffers"] is None:
+        return False
+    for k, buffer in buffers.items():
+        if buffer is not None:
+            buffer.load_state_dict(state["buffers"][k])
+    return True
+
+
+def new_episode_stats() -> dict:
+    """Training episodes of a stage, for summary.json: how many, their summed cost, how many went over the limit."""
+    return {"episodes": 0, "cost_sum": 0.0, "violating": 0}
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    args, resumed = resume_run(args, "sagui")  # --resume runs/<run>: that run's flags and its checkpoint
     check_args(args)
     if args.cost_limit is None:  # the paper's d for its layouts, 25 (SafetyPointGoal1, the Dynamic) otherwise
         args.cost_limit = paper_cost_limit(normalize_env_id(args.env_id)[0]) or 25.0
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    logger = Logger(run_name, args)
+    state = resumed["state"] if resumed else None
+    if resumed:
+        run_root, run_name = os.path.split(resumed["run_dir"])
+    else:
+        run_root, run_name = "runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    # the stage to (re)start in: a run killed in the student stage does not train its guide again
+    stage = state["stage"] if resumed else ("guide" if args.use_guide and args.guide_path is None else "student")
+    run_start = time.time() - (state["wall_time"] if resumed else 0.0)  # summary.json's wall time spans all resumes
+    logger = Logger(run_name, args, root=run_root,
+                    resume_step=None if not resumed else (state["stage_step"] if stage == "student" else 0))
     seed_everything(args.seed, args.torch_deterministic)
     device = get_device(args.cuda)
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
@@ -731,6 +841,16 @@ if __name__ == "__main__":
     act_dim = envs.single_action_space.shape[0]
     action_space = envs.single_action_space
     xi_index_t = torch.as_tensor(xi_index, device=device) if xi_index is not None else None
+    identity = {"script": "sagui", "env_id": normalize_env_id(args.env_id)[0], "obs_dim": obs_dim, "act_dim": act_dim,
+                "hidden_size": args.hidden_size, "use_guide": args.use_guide, "sampling": args.sampling,
+                "buffer_size": args.buffer_size}  # what fixes the shapes of the networks and buffers
+    if resumed:
+        check_identity(resumed["identity"], identity, resumed["path"])
+    # one checkpoint every --checkpoint-every env steps of the run, both stages counted: the student's step s is the
+    # run's step guide_steps + s (guide_steps: the guide stage's budget when this run trains its guide, else 0)
+    guide_steps = args.guide_total_timesteps if args.use_guide and args.guide_path is None else 0
+    checkpointer = Checkpointer(os.path.join(run_root, run_name), args.checkpoint_every, identity,
+                                start_step=state["step"] if resumed else 0)
 
     # ============================================================================================
     # Phase 1: the guide, reward-free with eq. 4, in the source task
@@ -745,12 +865,23 @@ if __name__ == "__main__":
             plan.append(f"student: {args.total_timesteps} steps in {args.env_id} with {args.sampling} sampling "
                         f"(--total-timesteps)")
     print("plan: " + "; then ".join(plan), flush=True)  # each phase's budget, before any of them runs
-    guide = None
-    if args.use_guide and args.guide_path is not None:
+    if resumed:
+        print(f"resuming {resumed['run_dir']} at step {state['stage_step']} (stage {stage}"
+              f"{'' if stage == 'student' or not args.use_guide else ', the student follows'}; environments reset, "
+              "the episodes in progress are lost)", flush=True)
+    guide, guide_summary = None, {}
+    if args.use_guide and stage == "student" and resumed:  # the guide of the finished guide stage (or --guide-path)
+        guide = Actor(len(xi_index), act_dim, state["guide"]["hidden_size"], action_space.low,
+                      action_space.high).to(device)
+        guide.load_state_dict(state["guide"]["actor"])
+        guide_summary = state["guide_summary"]
+    elif args.use_guide and args.guide_path is not None:
         guide = load_guide(args.guide_path, args.env_id, kept_keys, len(xi_index), act_dim, action_space, device)
         print(f"loaded the guide from {args.guide_path}", flush=True)
     elif args.use_guide:
-        glog = Logger(f"{run_name}/guide", args, total_steps=args.guide_total_timesteps)  # runs/<run>/guide/
+        g_start = state["stage_step"] if resumed else 0
+        glog = Logger("guide", args, root=logger.run_dir, total_steps=args.guide_total_timesteps,
+                      resume_step=g_start if resumed else None)  # runs/<run>/guide/
         scale = args.displacement_scale if args.displacement_reward else 0.0
         genvs = SafeVectorEnv(gym.vector.SyncVectorEnv([make_source_env(args.env_id, args.seed + i, scale)
                                                          for i in range(n)]))
@@ -763,9 +894,16 @@ if __name__ == "__main__":
         g_update = maybe_compile(g_agent.update, use_compile)
         g_act = maybe_compile(g_agent.actor.sample, use_compile)
         g_rb = DeviceReplay(args.buffer_size, replay_fields(g_obs_dim, act_dim), device)
-        obs, _ = genvs.reset(seed=args.seed)
-        out, recent_costs = {}, []
-        for global_step in range(n, args.guide_total_timesteps + 1, n):
+        out, recent_costs, g_stats, g_learning_starts = {}, [], new_episode_stats(), args.learning_starts
+        if resumed:  # the guide stage from its last checkpoint; the source envs start new episodes
+            if not load_checkpoint_state(state, g_agent, {"rb": g_rb}, glog):
+                g_learning_starts = g_start + max(args.learning_starts, args.batch_size)  # refill the replay first
+            recent_costs, g_stats = state["recent_costs"], state["episode_stats"]
+            genvs.single_action_space.np_random.bit_generator.state = state["action_space_rng"]
+        obs, _ = genvs.reset(seed=args.seed + g_start)
+        if resumed:
+            set_rng_state(state["rng"])  # after everything is built and loaded
+        for global_step in range(g_start + n, args.guide_total_timesteps + 1, n):
             if global_step <= args.random_steps:
                 actions = np.stack([genvs.single_action_space.sample() for _ in range(n)])
             else:
@@ -776,6 +914,9 @@ if __name__ == "__main__":
             for _, ep in finished_episodes(infos):
                 glog.log_episode(global_step, ep["r"], ep["c"], ep["l"])
                 recent_costs.append(ep["c"])
+                g_stats["episodes"] += 1
+                g_stats["cost_sum"] += float(ep["c"])
+                g_stats["violating"] += int(ep["c"] > args.guide_cost_limit)
             ones = np.ones(n, np.float32)
             zeros = np.zeros((n, act_dim), np.float32)
             g_rb.add(obs=obs, action=actions, next_obs=real_next_obs(next_obs, truncations, terminations, infos),
@@ -786,7 +927,7 @@ if __name__ == "__main__":
             if args.beta_update == "episodic" and recent_costs and global_step % args.update_every == 0:
                 g_agent.update_beta_from_episodes(float(np.mean(recent_costs)))
                 recent_costs = []
-            if global_step >= args.learning_starts and global_step % args.update_every == 0:
+            if global_step >= g_learning_starts and global_step % args.update_every == 0:
                 for _ in range(args.update_every):
                     out = g_update(g_rb.sample(args.batch_size))  # no guide to imitate: plain SAC-Lagrangian
                 check_finite("guide losses", *out.values())
@@ -800,6 +941,14 @@ if __name__ == "__main__":
                 glog.scalar("charts/lagrange_multiplier", g_agent.beta, global_step)
                 glog.scalar("charts/alpha", g_agent.alpha, global_step)
                 glog.console(global_step, f"beta={g_agent.beta:.3f} [guide]")
+            # (the end of a guide stage that a student follows is saved as the student stage's first checkpoint)
+            g_last = global_step + n > args.guide_total_timesteps
+            if (checkpointer.due(global_step) and not g_last) or (g_last and args.guide_only):
+                checkpointer.save(global_step, checkpoint_state(
+                    "guide", g_agent, {"rb": g_rb}, glog, args, stage_step=global_step, recent_costs=recent_costs,
+                    episode_stats=g_stats,
+                    action_space_rng=genvs.single_action_space.np_random.bit_generator.state,
+                    wall_time=time.time() - run_start), args)
         genvs.close()
         guide = g_agent.actor
         del g_rb  # free the guide's replay memory before the student's
@@ -809,18 +958,32 @@ if __name__ == "__main__":
                     "guide_agent": g_agent.state_dict(), "args": vars(args)}, guide_file)
         # the guide alone in the target task: the safety it brings before the student has learnt anything;
         # deterministic as the authors' guide test, stochastic as it acts for the student
+        guide_summary = {"guide_steps": args.guide_total_timesteps, "guide_train_episodes": g_stats["episodes"],
+                         "guide_train_violating_episodes": g_stats["violating"],
+                         "guide_train_cost": g_stats["cost_sum"] / g_stats["episodes"] if g_stats["episodes"] else None,
+                         "guide_cost_rate": glog.cost_rate, "guide_cost_limit": args.guide_cost_limit}
         for mode, deterministic in (("deterministic", True), ("stochastic", False)):
             results = evaluate(guide, make_target_env(args.env_id, args.seed + 10_000), args.eval_episodes,
                                args.seed + 10_000, device, obs_index=xi_index, deterministic=deterministic)
             for ret, cost in results:
                 glog.log_episode(args.guide_total_timesteps, ret, cost, 0, prefix=f"eval_{mode}")
             costs_ = [c for _, c in results]
+            guide_summary[f"guide_eval_{mode}_return"] = float(np.mean([r for r, _ in results]))
+            guide_summary[f"guide_eval_{mode}_cost"] = float(np.mean(costs_))
             print(f"guide alone in the target task ({mode}): return={np.mean([r for r, _ in results]):.2f} "
                   f"cost={np.mean(costs_):.2f} episodes over d={args.cost_limit:g}: "
                   f"{sum(c > args.cost_limit for c in costs_)}/{len(costs_)}", flush=True)
         glog.close()
         print(f"guide saved to {guide_file}", flush=True)
-        if args.guide_only:
+        if args.guide_only:  # summary.json of the guide stage: its training in the source task, its evaluation alone
+            write_summary(logger.run_dir, args, script="sagui", start_time=run_start, env_id=args.env_id,
+                          total_steps=args.guide_total_timesteps,
+                          eval_return=guide_summary["guide_eval_deterministic_return"],
+                          eval_cost=guide_summary["guide_eval_deterministic_cost"],
+                          train_cost=guide_summary["guide_train_cost"], train_episodes=g_stats["episodes"],
+                          train_violating_episodes=g_stats["violating"], cost_limit=args.guide_cost_limit,
+                          cost_rate=glog.cost_rate, sps=glog.sps(args.guide_total_timesteps), stage="guide-only",
+                          **guide_summary)
             envs.close()
             logger.close()
             raise SystemExit(0)
@@ -839,7 +1002,7 @@ if __name__ == "__main__":
     rb = DeviceReplay(capacity, replay_fields(obs_dim, act_dim), device)
     rb_guide = DeviceReplay(capacity, replay_fields(obs_dim, act_dim), device) if two_buffers else None
     n_guide_batch = int(round(args.guide_batch_fraction * args.batch_size))
-    eval_env = make_target_env(args.env_id, args.seed + 10_000)
+    eval_env = make_target_env(args.env_id, args.seed + 10_000, render=args.capture_video)
 
     act = maybe_compile(behaviour_policy, use_compile)
     next_guide_gaussian = maybe_compile(guide_gaussian, use_compile)
@@ -849,13 +1012,40 @@ if __name__ == "__main__":
     if sampling == "linear-decay":
         guide_acts[:] = True  # P(guide) = 1 at the start
     random_steps = args.random_steps if guide is None else 0  # SaGui students never act at random (authors' code)
-    steps_by_guide, window_steps, out, recent_costs = 0, 0, {}, []
+    steps_by_guide, window_steps, out, recent_costs, stats = 0, 0, {}, [], new_episode_stats()
+    learning_starts, start_step = args.learning_starts, 0
     episode_costs = [[] for _ in range(n)]
-    obs, _ = envs.reset(seed=args.seed)
-    envs.single_action_space.seed(args.seed)
-    logger.restart_clock(0, args.total_timesteps)  # SPS and ETA of the student phase only
+    guide_state = None if guide is None else {"actor": guide.state_dict(), "hidden_size": guide.mean.in_features}
+    if resumed and stage == "student":  # the student stage from its last checkpoint
+        start_step = state["stage_step"]
+        if not load_checkpoint_state(state, student, {"rb": rb, "rb_guide": rb_guide}, logger):
+            learning_starts = start_step + max(args.learning_starts, args.batch_size)  # refill the replay first
+        recent_costs, stats = state["recent_costs"], state["episode_stats"]
+        rng.bit_generator.state = state["linear_decay_rng"]
+        if sampling == "linear-decay":  # the new episodes draw who acts, as any episode does when it starts
+            p_guide = linear_decay(start_step, args.total_timesteps)
+            ld_stepwise, ld_draw, guide_acts = rng.random(n) < p_guide, rng.random(n), rng.random(n) < p_guide
+            if args.ld_mode == "mixed":
+                guide_acts = np.where(ld_stepwise, guide_acts, ld_draw < p_guide)
+    elif guide is not None and stage == "guide":  # the guide stage is over: a run killed from now on keeps it
+        checkpointer.save(guide_steps, checkpoint_state(
+            "student", student, {"rb": rb, "rb_guide": rb_guide}, logger, args, stage_step=0, guide=guide_state,
+            guide_summary=guide_summary, recent_costs=recent_costs, episode_stats=stats,
+            linear_decay_rng=rng.bit_generator.state,
+            action_space_rng=envs.single_action_space.np_random.bit_generator.state, wall_time=time.time() - run_start),
+            args)
+    if start_step >= args.total_timesteps:
+        raise SystemExit(f"{logger.run_dir} is already at step {start_step} of --total-timesteps "
+                         f"{args.total_timesteps}; resume with a larger --total-timesteps to continue it")
+    obs, _ = envs.reset(seed=args.seed + start_step)  # a resumed run starts new episodes
+    if resumed and stage == "student":
+        envs.single_action_space.np_random.bit_generator.state = state["action_space_rng"]
+        set_rng_state(state["rng"])  # after everything is built and loaded
+    else:
+        envs.single_action_space.seed(args.seed)
+    logger.restart_clock(start_step, args.total_timesteps)  # SPS and ETA of the student phase only
     start_time = logger.start_time
-    for global_step in range(n, args.total_timesteps + 1, n):
+    for global_step in range(start_step + n, args.total_timesteps + 1, n):
         with torch.no_grad():
             packed = act(student.actor, guide, xi_index_t, torch.as_tensor(obs, dtype=torch.float32, device=device),
                          torch.as_tensor(guide_acts, device=device), args.is_clip_low, args.is_clip_high).cpu().numpy()
@@ -872,6 +1062,9 @@ if __name__ == "__main__":
             logger.scalar("charts/discounted_cost_to_go", discounted_cost_to_go(np.array(episode_costs[i]),
                                                                                  args.gamma), global_step)
             recent_costs.append(ep["c"])
+            stats["episodes"] += 1
+            stats["cost_sum"] += float(ep["c"])
+            stats["violating"] += int(ep["c"] > args.cost_limit)
         steps_by_guide += int(guide_acts.sum())
         window_steps += n
 
@@ -915,7 +1108,7 @@ if __name__ == "__main__":
         guide_share = two_buffers and n_guide_batch > 0 and len(rb_guide) >= args.batch_size
         can_update = not (two_buffers and args.cs_wait_for_both_buffers and not
                           (guide_share and len(rb) >= args.batch_size))
-        if global_step >= args.learning_starts and global_step % args.update_every == 0 and can_update:
+        if global_step >= learning_starts and global_step % args.update_every == 0 and can_update:
             for _ in range(args.update_every):
                 if guide_share:
                     b_s, b_g = rb.sample(args.batch_size - n_guide_batch), rb_guide.sample(n_guide_batch)
@@ -955,15 +1148,35 @@ if __name__ == "__main__":
             steps_by_guide, window_steps = 0, 0
             logger.console(global_step, f"beta={beta_now:.3f} omega={omega_now:.3f} alpha={student.alpha:.3f}")
 
-        if global_step % args.eval_every == 0 or global_step + n > args.total_timesteps:
-            results = evaluate(student.actor, eval_env, args.eval_episodes, args.seed + 10_000, device)
+        last_step = global_step + n > args.total_timesteps
+        if global_step % args.eval_every == 0 or last_step:
+            video = video_path(logger.run_dir, f"eval-{global_step}", 0) if args.capture_video else None
+            results = evaluate(student.actor, eval_env, args.eval_episodes, args.seed + 10_000, device, video=video,
+                               frame_stride=args.video_frame_stride)
             for ret, cost in results:  # the student's own cost (paper Fig. 8)
                 logger.log_episode(global_step, ret, cost, 0, prefix="eval")
             print(f"eval global_step={global_step} student return={np.mean([r for r, _ in results]):.2f} "
-                  f"cost={np.mean([c for _, c in results]):.2f}", flush=True)
+                  f"cost={np.mean([c for _, c in results]):.2f}" + (f" (video {video})" if video else ""), flush=True)
+        if checkpointer.due(guide_steps + global_step) or last_step:  # and at the end, after the final evaluation
+            checkpointer.save(guide_steps + global_step, checkpoint_state(
+                "student", student, {"rb": rb, "rb_guide": rb_guide}, logger, args, stage_step=global_step,
+                guide=guide_state,
+                guide_summary=guide_summary, recent_costs=recent_costs, episode_stats=stats,
+                linear_decay_rng=rng.bit_generator.state,
+                action_space_rng=envs.single_action_space.np_random.bit_generator.state,
+                wall_time=time.time() - run_start), args)
 
     if args.save_model:
         torch.save({**student.state_dict(), "args": vars(args)}, os.path.join(logger.run_dir, "student.pt"))
     print(f"done in {time.time() - start_time:.0f}s; run directory {logger.run_dir}", flush=True)
+    # summary.json: the student in the target task (the guide stage's numbers as guide_* extras)
+    write_summary(logger.run_dir, args, script="sagui", start_time=run_start, env_id=args.env_id,
+                  total_steps=global_step, eval_return=float(np.mean([r for r, _ in results])),
+                  eval_cost=float(np.mean([c for _, c in results])),
+                  eval_returns=[float(r) for r, _ in results], eval_costs=[float(c) for _, c in results],
+                  train_cost=stats["cost_sum"] / stats["episodes"] if stats["episodes"] else None,
+                  train_episodes=stats["episodes"], train_violating_episodes=stats["violating"],
+                  cost_limit=args.cost_limit, cost_rate=logger.cost_rate, sps=logger.sps(global_step),
+                  stage="student", **guide_summary)
     envs.close()
     logger.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import torch
 import sagui
 from common import make_safety_env, observation_slices
 from common.sagui_tasks import env_ids, paper_cost_limit, source_id
-from conftest import REPO, read_scalars, run_dirs, run_script
+from conftest import REPO, read_scalars, run_dirs, run_script, run_until_killed
 
 # ------------------------------------------------------------------------------------------------
 # Unit tests
@@ -361,7 +363,8 @@ def _one_thread(monkeypatch):
 def guide_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("sagui_both")
     os.environ["OMP_NUM_THREADS"] = "1"  # module-scoped: monkeypatch is not available here
-    proc = run_script("sagui.py", "--guide-total-timesteps", "1100", "--save-model", *TINY, cwd=cwd)
+    proc = run_script("sagui.py", "--guide-total-timesteps", "1100", "--save-model", "--capture-video",
+                      "--video-frame-stride", "100", *TINY, cwd=cwd)
     # the plan first: the guide phase's own budget is announced, --total-timesteps bounds only the student
     assert ("plan: guide: 1100 steps, reward-free, in the source task (--guide-total-timesteps; --guide-path reuses "
             "a saved guide); then student: 1100 steps in SafetyPointGoal1 with control-switch sampling") in proc.stdout
@@ -402,6 +405,34 @@ def test_smoke_both_phases(guide_run):
     assert 0 < scalars["guide/charts/episodic_return"][0][1] < 100
     rho = [v for _, v in scalars["charts/importance_weight_mean"]]
     assert all(0.1 - 1e-6 <= v <= 2.0 + 1e-6 for v in rho)
+
+
+def test_summary_json_and_video_of_a_finished_run(guide_run):
+    from common.summary import REQUIRED
+
+    summary = json.loads((guide_run / "summary.json").read_text())
+    assert all(k in summary for k in REQUIRED) and summary["script"] == "sagui" and summary["method"] == "sagui"
+    scalars = read_scalars(guide_run)
+    episodes = scalars["charts/episodic_cost"]  # the student's training episodes
+    assert summary["total_steps"] == 1100 and summary["train_episodes"] == len(episodes) == 1
+    assert summary["train_cost"] == pytest.approx(episodes[0][1])
+    assert summary["train_violating_episodes"] == int(episodes[0][1] > 25.0) and summary["cost_limit"] == 25.0
+    assert summary["eval_cost"] == pytest.approx(scalars["eval/episodic_cost"][0][1])
+    assert summary["eval_return"] == pytest.approx(scalars["eval/episodic_return"][0][1], rel=1e-5)
+    # the fraction of the 1100 steps with a cost: a whole number of steps, at least those of the last log (1000)
+    (last_step, last_rate), = scalars["charts/cost_rate"][-1:]
+    cost_steps = summary["cost_rate"] * 1100
+    assert cost_steps == pytest.approx(round(cost_steps)) and round(cost_steps) >= round(last_rate * last_step)
+    assert summary["sps"] > 0 and summary["guide_steps"] == 1100
+    assert summary["guide_train_episodes"] == len(scalars["guide/charts/episodic_cost"])
+    assert summary["guide_eval_deterministic_cost"] == scalars["guide/eval_deterministic/episodic_cost"][0][1]
+    # --capture-video: the student's evaluation at the last step, as an mp4 of 1000 / 100 + 1 frames
+    import imageio.v2 as imageio
+
+    (video,) = (guide_run / "videos").glob("*.mp4")
+    assert video.name == "eval-1100-episode-0.mp4"
+    frames = imageio.mimread(video)
+    assert len(frames) == 11 and frames[0].shape == (256, 256, 3)
 
 
 def test_smoke_guide_path_linear_decay_code_variant(guide_run, tmp_path):
@@ -463,6 +494,7 @@ def test_smoke_sac_lag_baseline(tmp_path):
     (["--num-envs", "3"], "--update-every (100) must be a multiple of --num-envs (3)"),
     (["--compile", "yes"], "--compile must be one of auto, on, off"),
     (["--env-id", "SafetyPointSaguiStaticSource"], "source task"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be 0"),
 ])
 def test_bad_input_is_refused_clearly(flags, message, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "sagui.py"), *flags], cwd=tmp_path, capture_output=True,
@@ -528,3 +560,150 @@ def test_update_reads_nothing_back_from_the_device(monkeypatch):
         monkeypatch.undo()
         assert all(isinstance(v, torch.Tensor) for v in losses.values())
         assert student.beta != beta_before  # the multiplier was still updated
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume, summary.json, video (issue 15)
+# ------------------------------------------------------------------------------------------------
+
+RESUME = ["--hidden-size", "8", "--batch-size", "16", "--buffer-size", "5000", "--learning-starts", "100",
+          "--random-steps", "50", "--eval-every", "100000", "--eval-episodes", "1", "--total-timesteps", "300"]
+
+
+def test_a_run_killed_in_each_stage_resumes_there_with_the_saved_state(tmp_path):
+    """Killed in the guide stage, resumed there; killed again in the student stage, resumed there without training
+    the guide again. The run reaches its 300 student steps with every step's row in its buffers, the curves go on
+    without a gap or a doubled stretch, and the first gradient step after resuming gives the losses that the
+    checkpoint gives on the same batch."""
+    from common.checkpoint import load_checkpoint, pack_array, set_rng_state, unpack_array
+
+    flags = [*RESUME, "--guide-total-timesteps", "300", "--update-every", "1", "--log-every", "1",
+             "--checkpoint-every", "200"]  # a gradient step and a log line at every env step: step 101 is logged
+    run_dir = run_until_killed("sagui.py", *flags, cwd=tmp_path)  # killed at step 200 of the guide stage
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", SAFERL_KILL_AFTER_CHECKPOINT="2")
+    proc = subprocess.run([sys.executable, str(REPO / "sagui.py"), "--resume", str(run_dir)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    # its checkpoints: the end of the guide stage (run step 300), then run step 400 = student step 100: killed
+    assert proc.returncode == -9, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resuming {run_dir} at step 200 (stage guide, the student follows" in proc.stdout
+    guide_lines = [line.split()[0] for line in proc.stdout.splitlines() if "[guide]" in line]
+    assert guide_lines[0] == "global_step=201/300" and guide_lines[-1] == "global_step=300/300"
+    saved = load_checkpoint(run_dir / "checkpoint.pt")
+    assert saved["stage"] == "student" and (saved["step"], saved["stage_step"]) == (400, 100)
+    guide_file = (run_dir / "guide.pt").stat()
+    proc = run_script("sagui.py", "--resume", str(run_dir), cwd=tmp_path)
+    assert f"resuming {run_dir} at step 100 (stage student" in proc.stdout
+    assert "[guide]" not in proc.stdout and "guide alone" not in proc.stdout  # the guide is not trained again
+    assert (run_dir / "guide.pt").stat().st_mtime_ns == guide_file.st_mtime_ns
+    final = load_checkpoint(run_dir / "checkpoint.pt")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert final["stage_step"] == summary["total_steps"] == 300 and summary["guide_steps"] == 300
+    assert sum(final["buffers"][k]["size"] for k in ("rb", "rb_guide")) == 300  # the 100 restored rows kept
+    scalars = read_scalars(run_dir)
+    assert [s for s, _ in scalars["guide/losses/qr_loss"]] == list(range(100, 301))
+    assert [s for s, _ in scalars["losses/qr_loss"]] == list(range(100, 301))
+    assert len(scalars["guide/eval_deterministic/episodic_cost"]) == 1
+
+    # the first gradient step after resuming, redone from the checkpoint: same networks, multipliers and buffers,
+    # the same RNG draws (one behaviour-policy step, which draws the student's and the guide's noise, then the batch)
+    args = sagui.Args(**saved["args"])
+    space = make_safety_env("SafetyPointGoal1", seed=0).action_space
+    guide = sagui.Actor(44, 2, saved["guide"]["hidden_size"], space.low, space.high)
+    guide.load_state_dict(saved["guide"]["actor"])
+    student = sagui.SACLagrangian(60, 2, args, space, args.cost_limit, "cpu", guide=guide.requires_grad_(False))
+    student.load_state_dict(saved["agent"])
+    fields = sagui.replay_fields(60, 2)
+    rb, rb_guide = (sagui.DeviceReplay(args.buffer_size // 2, fields, "cpu") for _ in range(2))
+    rb_guide.load_state_dict(saved["buffers"]["rb_guide"])
+    size = saved["buffers"]["rb"]["size"] + 1  # step 101, a new episode: the student acts, its row goes to rb
+    rows = unpack_array(final["buffers"]["rb"]["rows"])[:size]
+    np.testing.assert_array_equal(rows[:-1], unpack_array(saved["buffers"]["rb"]["rows"]))
+    rb.load_state_dict({"rows": pack_array(rows), "pos": size, "size": size, "capacity": args.buffer_size // 2})
+    set_rng_state(saved["rng"])
+    xi = torch.as_tensor(sagui.abstraction_index(make_safety_env("SafetyPointGoal1").unwrapped.obs_space_dict)[0])
+    with torch.no_grad():
+        sagui.behaviour_policy(student.actor, guide, xi, torch.zeros(1, 60), torch.zeros(1, dtype=torch.bool), 0.1, 2.0)
+    n_guide = int(round(args.guide_batch_fraction * args.batch_size))
+    if len(rb_guide) >= args.batch_size:  # the 75/25 minibatch of control-switch, as the script draws it
+        b_s, b_g = rb.sample(args.batch_size - n_guide), rb_guide.sample(n_guide)
+        out = student.update({k: torch.cat([b_s[k], b_g[k]]) for k in b_s})
+    else:
+        out = student.update(rb.sample(args.batch_size))
+    for k in ("qr_loss", "qc_loss", "actor_loss", "alpha_loss", "beta_loss"):
+        assert float(out[k]) == pytest.approx(dict(scalars[f"losses/{k}"])[101], rel=1e-4, abs=1e-6), k
+    assert dict(scalars["charts/lagrange_multiplier"])[101] == pytest.approx(student.beta, rel=1e-5)
+
+
+def test_resume_of_a_missing_foreign_or_damaged_run_is_refused_clearly(guide_run, tmp_path):
+    """SystemExit with a message: the user sees it and no traceback (in-process: each subprocess costs seconds)."""
+    import shutil
+
+    from common.checkpoint import resume_run
+
+    with pytest.raises(SystemExit, match="no such run directory"):
+        resume_run(sagui.Args(resume=str(tmp_path / "runs" / "nothing")), "sagui")
+    with pytest.raises(SystemExit, match="--env-id: the run has 'SafetyPointGoal1', given 'SafetyCarGoal1'"):
+        resume_run(sagui.Args(resume=str(guide_run), env_id="SafetyCarGoal1"), "sagui")
+    args, resumed = resume_run(sagui.Args(resume=str(guide_run), total_timesteps=5000), "sagui")
+    assert args.total_timesteps == 5000 and args.hidden_size == 8 and resumed["state"]["stage"] == "student"
+    # a checkpoint cut short on disk is refused, not loaded
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    data = (guide_run / "checkpoint.pt").read_bytes()
+    (damaged / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="is truncated or corrupt"):
+        resume_run(sagui.Args(resume=str(damaged)), "sagui")
+
+
+def test_checkpoint_state_round_trip_with_and_without_the_replay(tmp_path):
+    """The stage's agent and buffers come back exactly; --no-checkpoint-buffer leaves the rows out (and says so)."""
+    from common import Logger
+
+    args = sagui.Args(hidden_size=8, batch_size=4)
+    agent, fresh = _agent(args, seed=0), _agent(args, seed=1)
+    agent.update(_batch())
+    buffer = sagui.DeviceReplay(10, sagui.replay_fields(6, 2), "cpu")
+    for i in range(13):  # wraps around: pos 3, size 10
+        buffer.add(**{k: v[:1].numpy() + i for k, v in _batch(n=1, seed=i).items()})
+    logger = Logger("run", args, root=str(tmp_path), quiet=True)
+    logger.log_costs(0, np.array([0.0, 1.0, 1.0]))
+    state = sagui.checkpoint_state("student", agent, {"rb": buffer}, logger, args, stage_step=7)
+    bytes_ = io.BytesIO()
+    torch.save(state, bytes_)  # through bytes, as a checkpoint file: no tensor shared with the live agent
+    state = torch.load(io.BytesIO(bytes_.getvalue()), weights_only=False)
+    restored = sagui.DeviceReplay(10, sagui.replay_fields(6, 2), "cpu")
+    logger2 = Logger("run2", args, root=str(tmp_path), quiet=True)
+    assert sagui.load_checkpoint_state(state, fresh, {"rb": restored}, logger2)
+    torch.testing.assert_close(restored.data, buffer.data)
+    assert (restored.pos, restored.size) == (3, 10) and logger2.cost_rate == pytest.approx(2 / 3)
+    for name in ("actor", "qr1", "qc_t"):
+        for p, q in zip(getattr(agent, name).parameters(), getattr(fresh, name).parameters()):
+            torch.testing.assert_close(q, p)
+    assert fresh.beta == agent.beta and fresh.alpha == agent.alpha
+    assert fresh.q_opt.state_dict()["state"][0]["step"] == 1  # the optimisers' moments and counters too
+    batch = _batch(seed=5)
+    torch.manual_seed(3)
+    out_a = agent.update(batch)
+    torch.manual_seed(3)
+    out_f = fresh.update(batch)
+    for k in ("qr_loss", "qc_loss", "actor_loss", "beta_loss"):
+        torch.testing.assert_close(out_f[k], out_a[k])
+    args.checkpoint_buffer = False
+    state = sagui.checkpoint_state("student", agent, {"rb": buffer}, logger, args)
+    assert state["buffers"] is None
+    assert not sagui.load_checkpoint_state(state, fresh, {"rb": sagui.DeviceReplay(10, sagui.replay_fields(6, 2),
+                                                                                    "cpu")}, logger2)
+    with pytest.raises(SystemExit, match="does not fit"):  # a replay of another width
+        sagui.DeviceReplay(10, sagui.replay_fields(5, 2), "cpu").load_state_dict(buffer.state_dict())
+
+
+def test_help_says_what_total_timesteps_bounds(capsys, monkeypatch):
+    """The issue's example: `--total-timesteps 3000` first ran a 9M-step guide with no word of it."""
+    import tyro
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per flag help: the sentence is not wrapped
+    with pytest.raises(SystemExit):
+        tyro.cli(sagui.Args, args=["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "bounds the STUDENT stage only" in text and "the guide stage runs --guide-total-timesteps (9M" in text
+    assert "--resume" in text and "--checkpoint-every" in text and "--no-checkpoint-buffer" in text
