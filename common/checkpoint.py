@@ -195,7 +195,8 @@ def resume_run(args, script: str, may_change: tuple[str, ...] = RESUMABLE_CHANGE
             merged[name] = before
     if refused:
         raise SystemExit(f"error: --resume {args.resume}: flags differ from the run's ({'; '.join(refused)}). Omit "
-                         f"them to continue the run as it was started (only {', '.join(map(_flag, may_change[1:]))} "
+                         f"them to continue the run as it was started (only "
+                         f"{', '.join(_flag(n) for n in may_change if n in names and n != 'resume')} "
                          "may change).")
     return dataclasses.replace(args, **merged), {**saved, "path": path, "run_dir": run_dir}
 

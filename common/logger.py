@@ -115,6 +115,9 @@ class Logger:
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue the cost rate and the console line."""
+        # the events still queued in the writer go to disk first: a checkpoint taken now and a kill right after it
+        # must not leave a gap in the curves before the checkpoint's step
+        self.writer.flush()
         # not the total: a run resumed with a longer --total-timesteps shows its new total (and ETA)
         return {"steps_seen": self.steps_seen, "cost_steps": self.cost_steps, "last_return": self.last_return,
                 "last_cost": self.last_cost}
