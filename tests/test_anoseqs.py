@@ -304,7 +304,7 @@ def test_each_recorded_row_holds_the_cost_of_its_own_observation(counting_envs):
 
     args = tiny_args()
     logger = Logger("record", args, quiet=True)
-    _, _, data = anoseqs.run_td3(args, "counting", 40, logger, torch.device("cpu"), seed=0, record=True)
+    _, _, data, _ = anoseqs.run_td3(args, "counting", 40, logger, torch.device("cpu"), seed=0, record=True)
     logger.close()
     obs, start = data["obs"], data["episode_start"]
     first = start == np.arange(len(obs))
