@@ -43,6 +43,21 @@ Documented choices and deviations (the table in docs/anoseqs.md gives each with 
   that it comes back from the device in one copy with the shaped reward (one sync per step, as CleanRL): the
   behaviour policy is one gradient step older than in CleanRL.
 - With `--num-envs N > 1`, one gradient step per vector step (update-to-data ratio 1/N).
+
+Budgets, resume, video, summary
+- `--total-timesteps` bounds stage 3 (the target agent) only; with `--stage all` (default) stage 1 first takes
+  `--source-timesteps` env steps and stage 2 `--detector-steps` detector updates. The plan is printed first.
+- A checkpoint (`runs/<run>/checkpoint.pt`, `common/checkpoint.py`) every `--checkpoint-every` env steps of the
+  run (stage-1 steps, then stage-3 steps), at the end of stage 1, after stage 2 and at the end of stage 3 (after
+  training, before the final evaluation). It holds the stage and the step in it, the TD3 networks, targets and
+  Adam states, the replay buffer (`--no-checkpoint-buffer`: left out), the counters and Lagrange multiplier, the
+  stage's logger state, stage 1's recorded observations, stage 3's scores so far, the detector with its threshold
+  and config, and every RNG state. `--resume runs/<run>` continues the stage it was written in: stage 3 without
+  redoing stages 1-2, stage 1 from its step. A run killed during stage 2 resumes from the end of stage 1 (same
+  source data) and redoes stage 2 only. The environments are reset on resume: the episodes in progress are lost.
+- `--capture-video`: the final evaluation episodes as mp4 under `runs/<run>/videos/`; `summary.json` at the end
+  of every run (`common/summary.py`). Its cost limit is `--cost-limit` (25, the TD3-Lag baseline's episodic
+  budget: AnoSeqs itself has none); with `--stage 1` it reports the source agent, with `--stage 2` no TD3 stage.
 """
 
 from __future__ import annotations
@@ -1173,7 +1188,8 @@ if __name__ == "__main__":
     plan = {"1": f"stage 1: TD3 in {source_env_id} for {args.source_timesteps} steps (--source-timesteps)",
             "2": f"stage 2: the detector on stage 1's safe windows, {args.detector_steps} updates (--detector-steps)",
             "3": f"stage 3: {args.method} in {env_id} for {args.total_timesteps} steps (--total-timesteps)"}
-    print("plan: " + "; then ".join(plan[s] for s in stages), flush=True)  # each stage's budget, before any runs
+    done = ["1", "2"] if resume_at == "3" else []  # stages finished before the checkpoint
+    print("plan: " + "; then ".join(plan[s] + (" (done)" if s in done else "") for s in stages), flush=True)
     if resumed is not None:
         print(f"resuming {logger.run_dir} at step {state['stage_step']} (stage {resume_at}"
               f"{'; stages 1 and 2 are done' if resume_at == '3' and uses_detector else ''}"
