@@ -211,15 +211,19 @@ class Args:
     # Checkpoints and resume
     checkpoint_every: int = 50_000
     """environment steps between checkpoints, counted over the run (stage 1, then stage 3); one is also written at
-    the end of each TD3 stage and after stage 2; 0: only those. At the default sizes a stage-3 checkpoint at step
-    50,000 takes about 25 MiB and 0.5 s, growing with the replay buffer (docs/anoseqs.md, measured)"""
+    the end of each TD3 stage and after stage 2; 0: only those.
+    Measured at the default network and buffer sizes on SafetyPointRun0: 6.9 MiB, 0.2 s at step 50,000; 13.7 MiB,
+    0.2 s at step 100,000 (the replay buffer's rows dominate; docs/anoseqs.md)"""
     checkpoint_buffer: bool = True
-    """keep the replay buffer in the checkpoint (--no-checkpoint-buffer: much smaller files; a resumed run then
-    refills the buffer with the current policy for --learning-starts steps before it updates again)"""
+    """keep the replay buffer in the checkpoint.
+    --no-checkpoint-buffer: much smaller files; a resumed run then refills the buffer with the current policy for
+    --learning-starts steps before it updates again (stage 1's recording is kept: stage 2 needs it)"""
     resume: str | None = None
     """a run directory runs/<run> to continue; its flags are used, only --total-timesteps/--checkpoint-every/
-    --checkpoint-buffer/--cuda/--torch-threads may change. The environments are reset (the episode in progress
-    is lost); a run killed in stage 2 redoes stage 2 from the saved stage-1 data"""
+    --checkpoint-buffer/--cuda/--torch-threads may change.
+    It continues the stage the checkpoint was written in (stage 3: stages 1-2 are not redone; a run killed in
+    stage 2 redoes stage 2 from the saved stage-1 data). The environments are reset: the episodes in progress
+    are lost."""
 
 
 STAGES = ("all", "1", "2", "3")
