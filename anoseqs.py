@@ -1224,7 +1224,7 @@ if __name__ == "__main__":
         saved_detector = {"model": detector.state_dict(), "threshold": threshold, "config": config}
         torch.save(saved_detector, os.path.join(logger.run_dir, "detector.pt"))
         StageCheckpoint(checkpointer, args, "3", source_offset, start_time, {"detector": saved_detector}).save(0, None)
-    elif "3" in stages and uses_detector:
+    elif uses_detector and ("3" in stages or resume_at == "3"):
         if resume_at == "3":  # the detector saved in the checkpoint (stage 2 of this run, or --source-run's)
             saved_detector = state["detector"]
             detector = build_detector(saved_detector["config"]).to(device)
@@ -1234,9 +1234,10 @@ if __name__ == "__main__":
         else:
             detector, threshold, config = load_detector(os.path.join(args.source_run, "detector.pt"), device)
             saved_detector = {"model": detector.state_dict(), "threshold": threshold, "config": config}
-        print(f"stage 3: {config['kind']} detector from {args.source_run or 'the checkpoint'} (trained on {config['source_env_id']}, "
-              f"W={config['window_length']}, score on the {config['score_on']}), anomaly threshold {threshold:.4f}, "
-              f"held-out ROC AUC {config['roc_auc_policy']:.3f}", flush=True)
+        if "3" in stages:
+            print(f"stage 3: {config['kind']} detector from {args.source_run or 'the checkpoint'} (trained on "
+                  f"{config['source_env_id']}, W={config['window_length']}, score on the {config['score_on']}), anomaly threshold {threshold:.4f}, "
+                  f"held-out ROC AUC {config['roc_auc_policy']:.3f}", flush=True)
 
     if "3" in stages:  # stage 3: the target agent on the shaped reward (or a baseline)
         target_resume = state if resume_at == "3" and state["td3"] is not None else None  # None: stage 3 starts now
