@@ -43,6 +43,21 @@ Documented choices and deviations (the table in docs/anoseqs.md gives each with 
   that it comes back from the device in one copy with the shaped reward (one sync per step, as CleanRL): the
   behaviour policy is one gradient step older than in CleanRL.
 - With `--num-envs N > 1`, one gradient step per vector step (update-to-data ratio 1/N).
+
+Budgets, resume, video, summary
+- `--total-timesteps` bounds stage 3 (the target agent) only; with `--stage all` (default) stage 1 first takes
+  `--source-timesteps` env steps and stage 2 `--detector-steps` detector updates. The plan is printed first.
+- A checkpoint (`runs/<run>/checkpoint.pt`, `common/checkpoint.py`) every `--checkpoint-every` env steps of the
+  run (stage-1 steps, then stage-3 steps), at the end of stage 1, after stage 2 and at the end of stage 3 (after
+  training, before the final evaluation). It holds the stage and the step in it, the TD3 networks, targets and
+  Adam states, the replay buffer (`--no-checkpoint-buffer`: left out), the counters and Lagrange multiplier, the
+  stage's logger state, stage 1's recorded observations, stage 3's scores so far, the detector with its threshold
+  and config, and every RNG state. `--resume runs/<run>` continues the stage it was written in: stage 3 without
+  redoing stages 1-2, stage 1 from its step. A run killed during stage 2 resumes from the end of stage 1 (same
+  source data) and redoes stage 2 only. The environments are reset on resume: the episodes in progress are lost.
+- `--capture-video`: the final evaluation episodes as mp4 under `runs/<run>/videos/`; `summary.json` at the end
+  of every run (`common/summary.py`). Its cost limit is `--cost-limit` (25, the TD3-Lag baseline's episodic
+  budget: AnoSeqs itself has none); with `--stage 1` it reports the source agent, with `--stage 2` no TD3 stage.
 """
 
 from __future__ import annotations
@@ -71,6 +86,9 @@ from common import (
     normalize_env_id,
     seed_everything,
 )
+from common.checkpoint import Checkpointer, check_identity, pack_array, resume_run, set_rng_state, unpack_array
+from common.summary import write_summary
+from common.video import save_video, video_path
 
 
 @dataclass
@@ -83,6 +101,11 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
+    capture_video: bool = False
+    """record the final evaluation episodes of the target agent (--eval-episodes) as mp4 under runs/<run>/videos/:
+    Safety-Gymnasium's rgb_array render from its default camera (the robot's 'vision' camera), 30 fps"""
+    video_size: int = 256
+    """width and height in pixels of the recorded frames (--capture-video)"""
     save_model: bool = False
     """whether to save the target agent's actor and critics into the run directory"""
     torch_threads: int = 1
@@ -102,7 +125,8 @@ class Args:
     source_timesteps: int = 200_000
     """environment steps of the source agent (stage 1)"""
     total_timesteps: int = 500_000
-    """environment steps of the target agent (stage 3 only: with --stage all, stage 1 first runs --source-timesteps)"""
+    """environment steps of the TARGET agent, stage 3 only; with --stage all (default) the run first takes
+    --source-timesteps steps in stage 1 and --detector-steps detector updates in stage 2 (the plan is printed first)"""
     num_envs: int = 1
     """parallel environments (the detector scores all of them in one batch)"""
 
@@ -184,6 +208,23 @@ class Args:
     eval_episodes: int = 5
     """deterministic evaluation episodes at the end of stage 3 (raw return and cost); 0 to skip"""
 
+    # Checkpoints and resume
+    checkpoint_every: int = 50_000
+    """environment steps between checkpoints, counted over the run (stage 1, then stage 3); one is also written at
+    the end of each TD3 stage and after stage 2; 0: only those.
+    Measured at the default network and buffer sizes on SafetyPointRun0: 6.9 MiB, 0.2 s at step 50,000; 13.7 MiB,
+    0.2 s at step 100,000 (the replay buffer's rows dominate; docs/anoseqs.md)"""
+    checkpoint_buffer: bool = True
+    """keep the replay buffer in the checkpoint.
+    --no-checkpoint-buffer: much smaller files; a resumed run then refills the buffer with the current policy for
+    --learning-starts steps before it updates again (stage 1's recording is kept: stage 2 needs it)"""
+    resume: str | None = None
+    """a run directory runs/<run> to continue; its flags are used, only --total-timesteps/--checkpoint-every/
+    --checkpoint-buffer/--cuda/--torch-threads may change.
+    It continues the stage the checkpoint was written in (stage 3: stages 1-2 are not redone; a run killed in
+    stage 2 redoes stage 2 from the saved stage-1 data). The environments are reset: the episodes in progress
+    are lost."""
+
 
 STAGES = ("all", "1", "2", "3")
 METHODS = ("anoseqs", "td3", "td3-lag", "oracle-shaping")
@@ -202,7 +243,7 @@ def check_args(args: Args) -> None:
     check_choice(args, "score_on", SCORE_ON)
     check_choice(args, "penalty_form", PENALTY_FORMS)
     check_positive(args, "source_timesteps", "total_timesteps", "num_envs", "buffer_size", "batch_size",
-                   "learning_rate", "hidden_size", "policy_frequency", "window_length", "window_stride",
+                   "learning_rate", "hidden_size", "policy_frequency", "video_size", "window_length", "window_stride",
                    "detector_d_model", "detector_heads", "detector_layers", "detector_latent_dim",
                    "detector_steps", "detector_batch_size", "detector_lr", "nn_max_windows", "log_every",
                    "cost_limit", "lagrange_lr")
@@ -229,8 +270,14 @@ def check_args(args: Args) -> None:
     if args.stage == "3" and args.method == "anoseqs" and not args.source_run:
         raise SystemExit("error: --stage 3 with --method anoseqs needs a trained detector: "
                          "give --source-run runs/<run with stage 2>")
+    if args.checkpoint_every < 0:
+        raise SystemExit(f"error: --checkpoint-every must be >= 0 (0: only at the end of each stage), got "
+                         f"{args.checkpoint_every}")
+    if args.capture_video and (args.eval_episodes == 0 or args.stage in ("1", "2")):
+        raise SystemExit("error: --capture-video records the final evaluation episodes of the target agent: it needs "
+                         "--eval-episodes > 0 and stage 3 (--stage all or 3)")
     for name, file in (("2", "source_data.npz"), ("3", "detector.pt")):
-        if args.stage == name and args.source_run and args.method == "anoseqs":
+        if args.stage == name and args.source_run and args.method == "anoseqs" and not args.resume:
             if not os.path.isfile(os.path.join(args.source_run, file)):
                 raise SystemExit(f"error: --source-run {args.source_run!r} holds no {file}; stage {name} needs the "
                                  f"output of stage {int(name) - 1} (run --stage all, or --stage {int(name) - 1})")
@@ -309,6 +356,26 @@ class SourceRecorder:
             self.next_episode += int(dones.sum())
             self._append(next_obs[dones], np.zeros(dones.sum()), np.zeros(dones.sum(), bool), warmup,
                          self.env_episode[dones])
+
+    ROWS = ("obs", "cost", "terminal", "warmup", "episode")
+
+    def state_dict(self) -> dict:
+        """The rows recorded so far (compressed) and the next episode number, for a checkpoint."""
+        return {"rows": {name: pack_array(getattr(self, name)[: self.size]) for name in self.ROWS},
+                "next_episode": self.next_episode}
+
+    def load_state_dict(self, state: dict, first_obs: np.ndarray, warmup: bool) -> None:
+        """Continue a checkpoint's recording. The envs were reset on resume: the episodes in progress stay as they
+        were (unfinished, as at the end of a budget) and every env starts a new episode with `first_obs`."""
+        for name in self.ROWS:
+            rows = unpack_array(state["rows"][name])
+            full = np.zeros((max(len(getattr(self, name)), len(rows)), *rows.shape[1:]), rows.dtype)
+            full[: len(rows)] = rows
+            setattr(self, name, full)
+        self.size = state["rows"]["obs"]["shape"][0]
+        self.env_episode = state["next_episode"] + np.arange(len(first_obs))
+        self.next_episode = state["next_episode"] + len(first_obs)
+        self._append(first_obs, np.zeros(len(first_obs)), np.zeros(len(first_obs), bool), warmup, self.env_episode)
 
     def data(self) -> dict[str, np.ndarray]:
         """Rows ordered episode by episode, with `episode_start` (the row where each row's episode starts).
@@ -712,6 +779,15 @@ class WindowScorer:
         self.count += n
         return shaped
 
+    def state_dict(self) -> dict:
+        """The scores so far (for the final per-step ROC AUC) and the counters; the windows restart after a resume."""
+        return {"scores": self.scores[:self.count].cpu(), "count": self.count, "logged": self.logged,
+                "seconds": self.timer.total()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.logged, self.timer.seconds = state["count"], state["logged"], state["seconds"]
+        self.scores[:self.count] = state["scores"].to(self.device)
+
     def since_last_log(self) -> torch.Tensor:
         scores, self.logged = self.scores[self.logged:self.count], self.count
         return scores
@@ -729,11 +805,64 @@ def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 
 
+class StageCheckpoint:
+    """The run's checkpoints during one TD3 stage. `--checkpoint-every` counts the env steps of the whole run (stage
+    1, then stage 3: `offset` is the steps of the stages before); each checkpoint says its stage and step in it."""
+
+    def __init__(self, checkpointer: Checkpointer, args: Args, stage: str, offset: int, start_time: float,
+                 extra: dict | None = None):
+        self.checkpointer, self.args, self.stage, self.offset = checkpointer, args, stage, offset
+        self.start_time, self.extra = start_time, extra or {}
+
+    def due(self, step: int) -> bool:
+        return self.checkpointer.due(self.offset + step)
+
+    def save(self, step: int, td3: dict | None) -> None:
+        self.checkpointer.save(self.offset + step, {"stage": self.stage, "stage_step": step, "td3": td3,
+                                                    "wall_time": time.time() - self.start_time, **self.extra}, self.args)
+
+
+def td3_state(nets: dict, optimizers: dict, rb: ReplayBuffer | None, counters: dict, logger: Logger,
+              recorder: SourceRecorder | None, scorer: WindowScorer | None, true_costs: np.ndarray | None) -> dict:
+    """Everything a TD3 stage needs to continue: networks and targets, optimisers, replay buffer (None: left out),
+    counters (and the Lagrange multiplier), the stage's logger, stage 1's recording, stage 3's scores."""
+    state = {"nets": {k: net.state_dict() for k, net in nets.items()},
+             "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
+             "counters": counters, "logger": logger.state_dict(),
+             "replay_buffer": rb.state_dict() if rb is not None else None}
+    if recorder is not None:
+        state["recorder"] = recorder.state_dict()
+    if scorer is not None:
+        state["scorer"], state["true_costs"] = scorer.state_dict(), true_costs[:scorer.count].copy()
+    return state
+
+
+def load_td3_state(state: dict, nets: dict, optimizers: dict, rb: ReplayBuffer, logger: Logger,
+                   recorder: SourceRecorder | None, scorer: WindowScorer | None, true_costs: np.ndarray | None,
+                   first_obs: np.ndarray, warmup: bool) -> dict:
+    """Load `td3_state`'s output into freshly built modules; returns the counters."""
+    for k, net in nets.items():
+        net.load_state_dict(state["nets"][k])
+    for k, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][k])
+    if state["replay_buffer"] is not None:
+        rb.load_state_dict(state["replay_buffer"])
+    logger.load_state_dict(state["logger"])
+    if recorder is not None:
+        recorder.load_state_dict(state["recorder"], first_obs, warmup)
+    if scorer is not None:
+        scorer.load_state_dict(state["scorer"])
+        true_costs[:scorer.count] = state["true_costs"]
+    return state["counters"]
+
+
 def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, device: torch.device, seed: int,
-            method: str = "td3", detector: nn.Module | None = None, threshold: float = 0.0, record: bool = False):
+            method: str = "td3", detector: nn.Module | None = None, threshold: float = 0.0, record: bool = False,
+            checkpoint: StageCheckpoint | None = None, resume: dict | None = None):
     """Train TD3 on `env_id`: stage 1 (`record=True` returns the source data), or stage 3 with `method` ("anoseqs"
-    shapes the reward with `detector`; "td3-lag" and "oracle-shaping" use the true cost). Returns (actor, critics,
-    source data or None)."""
+    shapes the reward with `detector`; "td3-lag" and "oracle-shaping" use the true cost). `checkpoint` saves the
+    stage every --checkpoint-every steps and at its end; `resume` (a checkpoint's state) continues the stage it
+    saved. Returns (actor, critics, source data or None, stats: steps, episode returns and costs, SPS)."""
     envs = make_vector_env(env_id, args.num_envs, seed)
     obs_dim = envs.single_observation_space.shape[0]
     act_space = envs.single_action_space
@@ -760,6 +889,7 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
         q_params += list(qc.parameters())
         pairs.append((qc, qc_target))
         lagrange_multiplier = torch.tensor(args.lagrange_init, device=device)
+        qc_pi = None
         max_ep_len = envs.env.envs[0].spec.max_episode_steps or 1000
         # the episodic cost limit d as a per-state Q_c limit (SafeRL-Kit's conversion)
         qc_limit = args.cost_limit * (1 - args.gamma ** max_ep_len) / (1 - args.gamma) / max_ep_len
@@ -768,6 +898,9 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
     # foreach: Adam's multi-tensor implementation, the default on a GPU (on this CPU: within noise, docs/anoseqs.md)
     q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, foreach=True)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, foreach=True)
+    nets = {"actor": actor, "actor_target": actor_target, "qf1": qf1, "qf2": qf2, "qf1_target": qf1_target,
+            "qf2_target": qf2_target, **({"qc": qc, "qc_target": qc_target} if lagrangian else {})}
+    optimizers = {"q_optimizer": q_optimizer, "actor_optimizer": actor_optimizer}
     action_scale = actor.action_scale
     low = torch.as_tensor(act_space.low, dtype=torch.float32, device=device)
     high = torch.as_tensor(act_space.high, dtype=torch.float32, device=device)
@@ -777,13 +910,25 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
                                          "next_obs": ((obs_dim,), np.float32), "done": ((), np.float32)},
                       device, seed=seed)
     num_iterations = -(-total_timesteps // args.num_envs)
-    obs, _ = envs.reset(seed=seed)
+    start_step = resume["stage_step"] if resume is not None else 0
+    obs, _ = envs.reset(seed=seed + start_step)  # a resumed stage starts new episodes (other seeds than the first)
     recorder = SourceRecorder(obs, args.learning_starts > 0, total_timesteps + 2 * args.num_envs) if record else None
-    scorer = None
+    scorer, true_costs = None, None
     if detector is not None:  # stage 3 of AnoSeqs
         scorer = WindowScorer(detector, threshold, obs, args.penalty_coef, args.penalty_form, device,
                               num_iterations * args.num_envs)
         true_costs = np.zeros(num_iterations * args.num_envs, np.float32)  # for the per-step ROC AUC, logged only
+    updates = actor_updates = 0
+    episodes = []  # (return, cost) of every finished training episode, for summary.json
+    learning_starts = args.learning_starts  # the first update comes after this step
+    if resume is not None:  # continue the stage where the checkpoint left it
+        counters = load_td3_state(resume["td3"], nets, optimizers, rb, logger, recorder, scorer, true_costs, obs,
+                                  start_step < args.learning_starts)
+        updates, actor_updates, episodes = counters["updates"], counters["actor_updates"], counters["episodes"]
+        if lagrangian:
+            lagrange_multiplier = counters["lagrange_multiplier"].to(device)
+        if resume["td3"]["replay_buffer"] is None:  # --no-checkpoint-buffer: refill it before updating again
+            learning_starts = start_step + args.learning_starts
 
     def choose_actions(o: np.ndarray, step: int) -> torch.Tensor:
         """Actions for the vector step that ends at global step `step`, on the device."""
@@ -793,17 +938,21 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
             a = actor(torch.as_tensor(o, dtype=torch.float32, device=device))
             return (a + torch.randn_like(a) * action_scale * args.exploration_noise).clamp(low, high)
 
-    updates = actor_updates = 0
     losses = {}
-    logger.restart_clock(0, total_timesteps)  # SPS and ETA of this stage only (with --stage all, stages 1-2 ran first)
+    logger.restart_clock(start_step, total_timesteps)  # SPS and ETA of this stage only (stages 1-2 may have run)
     start_time = logger.start_time
-    actions = choose_actions(obs, args.num_envs).cpu().numpy()
-    for iteration in range(1, num_iterations + 1):
+    actions = choose_actions(obs, start_step + args.num_envs).cpu().numpy()
+    if resume is not None:
+        set_rng_state(resume["rng"])  # the random draws continue as from the checkpoint's step on
+    first_logged_update = updates + 1 if resume is not None else None  # a resumed run logs its first update's losses
+    global_step = start_step
+    for iteration in range(start_step // args.num_envs + 1, num_iterations + 1):
         global_step = iteration * args.num_envs
         next_obs, rewards, costs, terminations, truncations, infos = envs.step(actions)
         dones = np.logical_or(terminations, truncations)
         for i, ep in finished_episodes(infos):
             logger.log_episode(global_step, ep["r"], ep["c"], ep["l"])
+            episodes.append((float(ep["r"]), float(ep["c"])))
         logger.log_costs(global_step, costs)  # the true cost: logged, never shown to the AnoSeqs/TD3 agent
         real_next_obs = next_obs.copy()
         for i in np.flatnonzero(dones):
@@ -824,7 +973,7 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
                done=terminations.astype(np.float32))
         obs, actions = next_obs, next_actions
 
-        if global_step > args.learning_starts:
+        if global_step > learning_starts:
             data = rb.sample(args.batch_size)
             with torch.no_grad():
                 clipped_noise = (torch.randn_like(data["action"]) * args.policy_noise).clamp(
@@ -863,7 +1012,7 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
                 with torch.no_grad():  # Polyak averaging of all target networks: theta' <- (1 - tau) theta' + tau theta
                     torch._foreach_lerp_(target_params, online_params, args.tau)
 
-        if global_step % args.log_every < args.num_envs or iteration == num_iterations:
+        if global_step % args.log_every < args.num_envs or iteration == num_iterations or updates == first_logged_update:
             for name, value in losses.items():  # the NaN check once per log line, not at every update (a sync on a GPU)
                 check_finite(f"losses/{name}", value)
                 logger.scalar(f"losses/{name}", value.item(), global_step)
@@ -871,7 +1020,8 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
                 logger.scalar("charts/actor_updates_per_critic_update", actor_updates / updates, global_step)
             if lagrangian and updates:
                 logger.scalar("charts/lagrange_multiplier", lagrange_multiplier.item(), global_step)
-                logger.scalar("charts/qc_value", qc_pi.item() if actor_updates else 0.0, global_step)
+                if qc_pi is not None:  # an actor update has run (in this process)
+                    logger.scalar("charts/qc_value", qc_pi.item(), global_step)
             extra = ""
             if scorer is not None:
                 scores = scorer.since_last_log().cpu().numpy()
@@ -883,36 +1033,54 @@ def run_td3(args: Args, env_id: str, total_timesteps: int, logger: Logger, devic
                               global_step)
                 extra = f"penalised={penalised:.3f}"
             logger.console(global_step, extra)
+
+        if checkpoint is not None and (checkpoint.due(global_step) or iteration == num_iterations):  # after logging
+            counters = {"updates": updates, "actor_updates": actor_updates, "episodes": episodes,
+                        **({"lagrange_multiplier": lagrange_multiplier} if lagrangian else {})}
+            checkpoint.save(global_step, td3_state(nets, optimizers, rb if args.checkpoint_buffer else None, counters,
+                                                   logger, recorder, scorer, true_costs))
     envs.close()
 
+    stats = {"steps": num_iterations * args.num_envs, "returns": [r for r, _ in episodes],
+             "costs": [c for _, c in episodes], "sps": logger.sps(num_iterations * args.num_envs)}
     if scorer is not None:  # how well the detector's score matches the target's true cost, over all of stage 3
         scores = scorer.scores[:scorer.count].cpu().numpy()
-        auc = roc_auc(scores[true_costs <= 0], scores[true_costs > 0])
+        auc = stats["target_roc_auc"] = roc_auc(scores[true_costs <= 0], scores[true_costs > 0])
         logger.scalar("charts/target_roc_auc", auc, global_step)
         wall, scoring = time.time() - start_time, scorer.timer.total()
         print(f"stage 3: per-step ROC AUC of the score vs the true cost in the target: {auc:.3f}; "
               f"scoring took {scoring:.1f}s of {wall:.1f}s ({scoring / max(wall, 1e-9):.1%})", flush=True)
-    return actor, (qf1, qf2), (recorder.data() if recorder is not None else None)
+    return actor, (qf1, qf2), (recorder.data() if recorder is not None else None), stats
 
 
-def evaluate(actor: Actor, env_id: str, episodes: int, seed: int, device: torch.device, logger: Logger, step: int) -> None:
-    """Deterministic episodes of the target agent: raw (unshaped) return and true episode cost."""
-    env = make_safety_env(env_id, seed=seed)
+def evaluate(actor: Actor, env_id: str, episodes: int, seed: int, device: torch.device, logger: Logger, step: int,
+             capture_video: bool = False, video_size: int = 256) -> tuple[list[float], list[float]]:
+    """Deterministic episodes of the target agent: raw (unshaped) return and true episode cost. With
+    `capture_video`, each episode is rendered (rgb_array, video_size pixels square) to runs/<run>/videos/."""
+    env = make_safety_env(env_id, seed=seed, render_mode="rgb_array" if capture_video else None,
+                          render_size=video_size)
     returns, costs = [], []
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
         done, ret, cost = False, 0.0, 0.0
+        frames = [env.render()] if capture_video else []
         while not done:
             with torch.no_grad():
                 action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
             obs, reward, terminated, truncated, info = env.step(action)
             ret, cost, done = ret + reward, cost + info["cost"], terminated or truncated
+            if capture_video:
+                frames.append(env.render())
         logger.log_episode(step, ret, cost, 0, prefix="eval")
-        returns.append(ret)
-        costs.append(cost)
+        returns.append(float(ret))
+        costs.append(float(cost))
+        if capture_video:
+            path = save_video(frames, video_path(logger.run_dir, "eval", ep), fps=env.metadata.get("render_fps", 30))
+            print(f"eval: episode {ep} recorded to {path}", flush=True)
     env.close()
     print(f"eval: {episodes} episodes, return {np.mean(returns):.2f} +- {np.std(returns):.2f}, "
           f"cost {np.mean(costs):.2f} +- {np.std(costs):.2f}", flush=True)
+    return returns, costs
 
 
 DETECTOR_CONFIG_KEYS = ("kind", "obs_dim", "window_length", "score_on", "source_env_id", "roc_auc_policy")
@@ -984,6 +1152,7 @@ def load_source_data(run_dir: str) -> dict:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    args, resumed = resume_run(args, "anoseqs")  # --resume runs/<run>: that run's flags and its checkpoint
     check_args(args)
     try:
         env_id, vision = normalize_env_id(args.env_id)
@@ -994,60 +1163,120 @@ if __name__ == "__main__":
         raise SystemExit(f"error: --env-id {args.env_id!r} / --source-env-id {args.source_env_id!r}: AnoSeqs works on "
                          "state observations (windows of flat feature vectors); drop 'Vision' from the id")
     uses_detector = args.method == "anoseqs"
-    if uses_detector and args.stage == "all" and source_env_id != env_id:
+    if uses_detector and args.stage == "all" and source_env_id != env_id and resumed is None:
         check_same_observation(source_env_id, env_id)  # before hours of stages 1 and 2, not after them
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    logger = Logger(run_name, args)
+    stages = (["1", "2", "3"] if args.stage == "all" else [args.stage]) if uses_detector else ["3"]
+    # a checkpoint must come from a run of the same tasks and stages, with the same tensor sizes
+    identity = {"script": "anoseqs", "env_id": env_id, "source_env_id": source_env_id, "method": args.method,
+                "stage": args.stage, "num_envs": args.num_envs, "hidden_size": args.hidden_size,
+                "buffer_size": args.buffer_size, "detector": args.detector, "window_length": args.window_length,
+                "detector_sizes": [args.detector_d_model, args.detector_heads, args.detector_layers,
+                                   args.detector_latent_dim]}
+    state = resumed["state"] if resumed is not None else None
+    resume_at = state["stage"] if state is not None else None  # the stage the checkpoint was written in: "1" or "3"
+    if resumed is not None:
+        check_identity(resumed["identity"], identity, resumed["path"])
+        run_dir = resumed["run_dir"]  # the same directory and TensorBoard curves
+        logger = Logger(os.path.basename(run_dir), args, root=os.path.dirname(run_dir),
+                        resume_step=state["stage_step"] if resume_at == "3" else 0)
+    else:
+        logger = Logger(f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}", args)
+    checkpointer = Checkpointer(logger.run_dir, args.checkpoint_every, identity, start_step=state["step"] if state else 0)
+    start_time = time.time() - (state["wall_time"] if state else 0.0)  # the run's wall time, over its resumes
     seed_everything(args.seed, args.torch_deterministic)
     device = get_device(args.cuda)
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
-    stages = (["1", "2", "3"] if args.stage == "all" else [args.stage]) if uses_detector else ["3"]
     if not uses_detector and args.stage == "all":
         print(f"--method {args.method}: a baseline without detector; stages 1 and 2 are skipped", flush=True)
     plan = {"1": f"stage 1: TD3 in {source_env_id} for {args.source_timesteps} steps (--source-timesteps)",
-            "2": "stage 2: the detector on stage 1's safe windows",
+            "2": f"stage 2: the detector on stage 1's safe windows, {args.detector_steps} updates (--detector-steps)",
             "3": f"stage 3: {args.method} in {env_id} for {args.total_timesteps} steps (--total-timesteps)"}
-    print("plan: " + "; then ".join(plan[s] for s in stages), flush=True)  # each stage's budget, before any runs
-    if args.source_run:
+    done = ["1", "2"] if resume_at == "3" else []  # stages finished before the checkpoint
+    print("plan: " + "; then ".join(plan[s] + (" (done)" if s in done else "") for s in stages), flush=True)
+    if resumed is not None:
+        print(f"resuming {logger.run_dir} at step {state['stage_step']} (stage {resume_at}"
+              f"{'; stages 1 and 2 are done' if resume_at == '3' and uses_detector else ''}"
+              f"{'; stage 2 is redone from the saved stage-1 data' if resume_at == '1' and '2' in stages else ''}); "
+              "the environments are reset, the episodes in progress are lost", flush=True)
+    elif args.source_run:
         logger.writer.add_text("source_run", args.source_run)
+    source_offset = args.source_timesteps if "1" in stages else 0  # env steps before stage 3 (--checkpoint-every)
 
-    if "1" in stages:  # stage 1: the source agent; its cost only labels the windows
+    if "1" in stages and resume_at in (None, "1"):  # stage 1: the source agent; its cost only labels the windows
         print(f"stage 1: TD3 in the source environment {source_env_id} for {args.source_timesteps} steps", flush=True)
-        source_logger = Logger("source", args, root=logger.run_dir, total_steps=args.source_timesteps)
-        _, _, source_data = run_td3(args, source_env_id, args.source_timesteps, source_logger, device,
-                                    args.seed + 10_000, record=True)
+        source_logger = Logger("source", args, root=logger.run_dir, total_steps=args.source_timesteps,
+                               resume_step=state["stage_step"] if resume_at == "1" else None)
+        _, _, source_data, source_stats = run_td3(
+            args, source_env_id, args.source_timesteps, source_logger, device, args.seed + 10_000, record=True,
+            checkpoint=StageCheckpoint(checkpointer, args, "1", 0, start_time), resume=state)
         source_logger.close()
         np.savez_compressed(os.path.join(logger.run_dir, "source_data.npz"), env_id=source_env_id, **source_data)
-    elif "2" in stages:
+    elif "2" in stages and resume_at is None:
         source_data = load_source_data(args.source_run)
 
-    if "2" in stages:  # stage 2: the detector and its anomaly threshold
-        detector_logger = Logger("detector", args, root=logger.run_dir, total_steps=args.detector_steps)
+    if "2" in stages and resume_at != "3":  # stage 2: the detector and its anomaly threshold
+        detector_logger = Logger("detector", args, root=logger.run_dir, total_steps=args.detector_steps,
+                                 resume_step=0 if resumed is not None else None)
         detector, result = train_detector(args, source_data, detector_logger, device)
         detector_logger.close()
         threshold, config = result["threshold"], detector_config(args, detector, result, source_env_id)
-        torch.save({"model": detector.state_dict(), "threshold": threshold, "config": config},
-                   os.path.join(logger.run_dir, "detector.pt"))
-    elif "3" in stages and uses_detector:
-        detector, threshold, config = load_detector(os.path.join(args.source_run, "detector.pt"), device)
-        print(f"stage 3: {config['kind']} detector from {args.source_run} (trained on {config['source_env_id']}, "
-              f"W={config['window_length']}, score on the {config['score_on']}), anomaly threshold {threshold:.4f}, "
-              f"held-out ROC AUC {config['roc_auc_policy']:.3f}", flush=True)
+        saved_detector = {"model": detector.state_dict(), "threshold": threshold, "config": config}
+        torch.save(saved_detector, os.path.join(logger.run_dir, "detector.pt"))
+        StageCheckpoint(checkpointer, args, "3", source_offset, start_time, {"detector": saved_detector}).save(0, None)
+    elif uses_detector and ("3" in stages or resume_at == "3"):
+        if resume_at == "3":  # the detector saved in the checkpoint (stage 2 of this run, or --source-run's)
+            saved_detector = state["detector"]
+            detector = build_detector(saved_detector["config"]).to(device)
+            detector.load_state_dict(saved_detector["model"])
+            detector.eval()
+            threshold, config = saved_detector["threshold"], saved_detector["config"]
+        else:
+            detector, threshold, config = load_detector(os.path.join(args.source_run, "detector.pt"), device)
+            saved_detector = {"model": detector.state_dict(), "threshold": threshold, "config": config}
+        if "3" in stages:
+            print(f"stage 3: {config['kind']} detector from {args.source_run or 'the checkpoint'} (trained on "
+                  f"{config['source_env_id']}, W={config['window_length']}, score on the {config['score_on']}), anomaly threshold {threshold:.4f}, "
+                  f"held-out ROC AUC {config['roc_auc_policy']:.3f}", flush=True)
 
     if "3" in stages:  # stage 3: the target agent on the shaped reward (or a baseline)
+        target_resume = state if resume_at == "3" and state["td3"] is not None else None  # None: stage 3 starts now
         if uses_detector:
             warn_about_detector(config["roc_auc_policy"])
-            logger.scalar("charts/anomaly_threshold", threshold, 0)
-            logger.scalar("charts/detector_roc_auc", config["roc_auc_policy"], 0)
+            if target_resume is None:
+                logger.scalar("charts/anomaly_threshold", threshold, 0)
+                logger.scalar("charts/detector_roc_auc", config["roc_auc_policy"], 0)
         print(f"stage 3: {args.method} in the target environment {env_id} for {args.total_timesteps} steps", flush=True)
-        actor, (qf1, qf2), _ = run_td3(args, env_id, args.total_timesteps, logger, device, args.seed, args.method,
-                                       detector if uses_detector else None, threshold if uses_detector else 0.0)
+        actor, (qf1, qf2), _, target_stats = run_td3(
+            args, env_id, args.total_timesteps, logger, device, args.seed, args.method,
+            detector if uses_detector else None, threshold if uses_detector else 0.0,
+            checkpoint=StageCheckpoint(checkpointer, args, "3", source_offset, start_time,
+                                       {"detector": saved_detector} if uses_detector else {}),
+            resume=target_resume)
         if args.save_model:
             path = os.path.join(logger.run_dir, f"{args.exp_name}.cleanrl_model")
             torch.save({"actor": actor.state_dict(), "qf1": qf1.state_dict(), "qf2": qf2.state_dict()}, path)
             print(f"model saved to {path}", flush=True)
+        eval_returns, eval_costs = [], []
         if args.eval_episodes > 0:
-            evaluate(actor, env_id, args.eval_episodes, args.seed + 100_000, device, logger, args.total_timesteps)
+            eval_returns, eval_costs = evaluate(actor, env_id, args.eval_episodes, args.seed + 100_000, device, logger,
+                                                args.total_timesteps, args.capture_video, args.video_size)
+
+    # summary.json: the target agent's run (stage 1's with --stage 1; no TD3 stage with --stage 2)
+    train = (target_stats if "3" in stages else source_stats if "1" in stages
+             else {"steps": 0, "returns": [], "costs": [], "sps": None})
+    train_costs = np.asarray(train["costs"], dtype=np.float64)
+    write_summary(
+        logger.run_dir, args, script="anoseqs", start_time=start_time, env_id=env_id if "3" in stages else source_env_id,
+        total_steps=train["steps"], eval_return=float(np.mean(eval_returns)) if "3" in stages and eval_returns else None,
+        eval_cost=float(np.mean(eval_costs)) if "3" in stages and eval_costs else None,
+        train_cost=float(train_costs.mean()) if len(train_costs) else None, train_episodes=len(train_costs),
+        train_violating_episodes=int((train_costs > args.cost_limit).sum()), cost_limit=args.cost_limit,
+        cost_rate=(logger if "3" in stages else source_logger).cost_rate if train["steps"] else None, sps=train["sps"],
+        stages=stages, source_steps=args.source_timesteps if "1" in stages else 0,
+        eval_returns=eval_returns if "3" in stages else [], eval_costs=eval_costs if "3" in stages else [],
+        anomaly_threshold=threshold if uses_detector and stages != ["1"] else None,
+        detector_roc_auc=config["roc_auc_policy"] if uses_detector and stages != ["1"] else None,
+        target_roc_auc=train.get("target_roc_auc"))
     logger.close()
     print(f"run directory: {logger.run_dir}", flush=True)

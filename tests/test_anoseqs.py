@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, read_scalars, run_dirs, run_script
+from conftest import REPO, read_scalars, run_dirs, run_script, run_until_killed
 
 import anoseqs
 
@@ -304,7 +307,7 @@ def test_each_recorded_row_holds_the_cost_of_its_own_observation(counting_envs):
 
     args = tiny_args()
     logger = Logger("record", args, quiet=True)
-    _, _, data = anoseqs.run_td3(args, "counting", 40, logger, torch.device("cpu"), seed=0, record=True)
+    _, _, data, _ = anoseqs.run_td3(args, "counting", 40, logger, torch.device("cpu"), seed=0, record=True)
     logger.close()
     obs, start = data["obs"], data["episode_start"]
     first = start == np.arange(len(obs))
@@ -468,6 +471,9 @@ def test_one_device_to_host_read_per_env_step(counting_envs, method):
     (["--method", "td3-lag", "--stage", "1"], "--method td3-lag does not use"),
     (["--detector", "lstm"], "--detector must be one of autoencoder, nearest-neighbour"),
     (["--stage", "2", "--source-run", "nowhere"], "holds no source_data.npz"),
+    (["--resume", "runs/nowhere"], "--resume runs/nowhere: no such run directory"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+    (["--capture-video", "--eval-episodes", "0"], "--capture-video records the final evaluation episodes"),
     (["--env-id", "SafetyPointGaol1"], "Closest valid ids: SafetyPointGoal1"),
     (["--noise-clip", "-0.5"], "--noise-clip must be >= 0"),
     (["--policy-noise", "-0.2"], "--policy-noise must be >= 0"),
@@ -507,7 +513,7 @@ SHAPING_TAGS = {"charts/penalised_fraction", "charts/anomaly_score_mean", "chart
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("anoseqs_all")
-    proc = run_script("anoseqs.py", *TINY, "--save-model", cwd=cwd)
+    proc = run_script("anoseqs.py", *TINY, "--save-model", "--capture-video", "--video-size", "64", cwd=cwd)
     (run,) = run_dirs(cwd)
     return cwd, run, proc
 
@@ -517,7 +523,8 @@ def test_smoke_pipeline_all_stages(pipeline):
     scalars = read_scalars(run)
     missing = (TD3_TAGS | DETECTOR_TAGS | AUTOENCODER_TAGS | SHAPING_TAGS | {"source/charts/cost_rate"}) - set(scalars)
     assert not missing, f"missing tags: {sorted(missing)}"
-    for name in ("source_data.npz", "detector.pt", "anoseqs.cleanrl_model"):
+    for name in ("source_data.npz", "detector.pt", "anoseqs.cleanrl_model", "checkpoint.pt", "summary.json",
+                 "videos/eval-episode-0.mp4"):
         assert (run / name).is_file(), name
     assert "ROC AUC on held-out episodes" in proc.stdout and "stage 3: anoseqs in the target" in proc.stdout
     # the plan, first: every stage with its budget, so --total-timesteps 1000 does not hide stage 1's own budget
@@ -632,3 +639,151 @@ def test_sps_counts_only_the_stage_being_run(tmp_path, monkeypatch):
     logger.close()
     (sps,) = [v for _, v in read_scalars(tmp_path / "runs" / "sps")["charts/SPS"]]
     assert sps >= 1  # 40 steps / (1e6 s + run time) would log 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Video, summary.json, and resuming a killed run (issue 15)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pipeline_video_and_summary(pipeline):
+    """--capture-video writes the evaluation episode as an mp4 of 64x64 frames; summary.json reports stage 3."""
+    import imageio.v2 as imageio
+
+    _, run, _ = pipeline
+    frames = imageio.mimread(run / "videos" / "eval-episode-0.mp4", memtest=False)
+    assert len(frames) == 501 and frames[0].shape == (64, 64, 3)  # the reset frame and 500 steps of SafetyPointCircle1
+    summary = json.loads((run / "summary.json").read_text())
+    scalars = read_scalars(run)
+    assert summary["script"] == "anoseqs" and summary["method"] == "anoseqs" and summary["seed"] == 1
+    assert summary["env_id"] == "SafetyPointCircle1-v0" and summary["total_steps"] == 1000
+    assert summary["source_steps"] == 1000 and summary["stages"] == ["1", "2", "3"]
+    # the training episodes the run logged (2 envs x one 500-step episode), their mean cost and the violations
+    costs = [v for _, v in scalars["charts/episodic_cost"]]
+    assert summary["train_episodes"] == len(costs) == 2
+    assert summary["train_cost"] == pytest.approx(np.mean(costs))
+    assert summary["train_violating_episodes"] == sum(c > 25.0 for c in costs) and summary["cost_limit"] == 25.0
+    assert summary["eval_return"] == pytest.approx(scalars["eval/episodic_return"][0][1], rel=1e-5)
+    assert summary["eval_cost"] == pytest.approx(scalars["eval/episodic_cost"][0][1])
+    assert summary["cost_rate"] == pytest.approx(scalars["charts/cost_rate"][-1][1], rel=1e-5)
+    assert 0 < summary["sps"] and summary["anomaly_threshold"] == pytest.approx(
+        scalars["charts/anomaly_threshold"][0][1], rel=1e-5)
+
+
+RESUME = ["--env-id", "SafetyPointCircle1", "--num-envs", "2", "--source-timesteps", "600", "--total-timesteps", "600",
+          "--learning-starts", "200", "--hidden-size", "16", "--batch-size", "16", "--detector-steps", "5",
+          "--detector-d-model", "16", "--detector-heads", "2", "--detector-latent-dim", "8",
+          "--detector-batch-size", "32", "--log-every", "200", "--eval-episodes", "0", "--checkpoint-every", "300",
+          "--no-cuda"]
+
+
+def read_state(run: Path) -> dict:
+    from common.checkpoint import read_checkpoint
+
+    return read_checkpoint(run / "checkpoint.pt")["state"]
+
+
+def first_update_losses(saved: dict, final: dict, num_envs: int, batch_size: int) -> tuple[float, float]:
+    """The critic losses of the first update after resuming from `saved`, recomputed from its networks on the batch
+    its replay buffer draws then: the saved rows plus the first vector step after resuming (read from the run's
+    `final` checkpoint), sampled with the saved sampling RNG; the target smoothing noise comes from the saved torch
+    RNG after the one draw that precedes it (the exploration noise of the next step's action)."""
+    from common.checkpoint import pack_array, unpack_array
+
+    args, td3 = anoseqs.Args(**saved["args"]), saved["td3"]
+    obs_dim, act_dim = td3["nets"]["actor"]["net.0.weight"].shape[1], td3["nets"]["actor"]["net.4.weight"].shape[0]
+    nets = {name: anoseqs.Actor(obs_dim, act_dim, args.hidden_size, -np.ones(act_dim), np.ones(act_dim))
+            for name in ("actor", "actor_target")}
+    nets.update({name: anoseqs.QNetwork(obs_dim, act_dim, args.hidden_size)
+                 for name in ("qf1", "qf2", "qf1_target", "qf2_target")})
+    for name, net in nets.items():
+        net.load_state_dict(td3["nets"][name])
+    rows = td3["replay_buffer"]["size"] + num_envs
+    after = final["td3"]["replay_buffer"]
+    rb = anoseqs.ReplayBuffer(after["capacity"], {k: (unpack_array(v).shape[1:], np.float32)
+                                                  for k, v in after["data"].items()})
+    rb.load_state_dict({**after, "data": {k: pack_array(unpack_array(v)[:rows]) for k, v in after["data"].items()},
+                        "pos": rows, "size": rows, "rng": td3["replay_buffer"]["rng"]})
+    torch.set_rng_state(saved["rng"]["torch"])
+    torch.randn(num_envs, act_dim)  # the exploration noise of the next action, drawn before the update
+    data = rb.sample(batch_size)
+    scale, bias = nets["actor"].action_scale, nets["actor"].action_bias
+    with torch.no_grad():
+        noise = (torch.randn_like(data["action"]) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip) * scale
+        next_act = (nets["actor_target"](data["next_obs"]) + noise).clamp(bias - scale, bias + scale)
+        min_q = torch.min(nets["qf1_target"](data["next_obs"], next_act), nets["qf2_target"](data["next_obs"], next_act))
+        next_q = data["reward"] + (1 - data["done"]) * args.gamma * min_q
+        return (torch.nn.functional.mse_loss(nets["qf1"](data["obs"], data["action"]), next_q).item(),
+                torch.nn.functional.mse_loss(nets["qf2"](data["obs"], data["action"]), next_q).item())
+
+
+def test_killed_in_stage_1_then_in_stage_3_resumes_each_stage_where_it_stopped(tmp_path):
+    """All stages, a checkpoint every 300 env steps of the run: killed in stage 1 (step 300), resumed and killed
+    again in stage 3 (step 300 of the target), resumed to the end. Each resume continues its own stage without
+    redoing the finished ones, the curves have no doubled or missing step, the counters and the replay buffer are
+    those of an uninterrupted run, and the first losses after resuming equal those of the saved state."""
+    run = run_until_killed("anoseqs.py", *RESUME, cwd=tmp_path, after=1)
+    state = read_state(run)
+    assert (state["stage"], state["stage_step"], state["step"]) == ("1", 300, 300)
+    assert not (run / "source_data.npz").exists()
+    # resumed: stage 1 from 300 to 600 (save 1), stage 2 (save 2: the detector, before stage 3), stage 3 to 300
+    run_until_killed("anoseqs.py", "--resume", str(run), cwd=tmp_path, after=3)
+    saved = read_state(run)
+    assert (saved["stage"], saved["stage_step"], saved["step"]) == ("3", 300, 900)
+    assert (run / "source_data.npz").is_file() and (run / "detector.pt").is_file()
+    assert saved["td3"]["counters"]["updates"] == 50 and saved["td3"]["replay_buffer"]["size"] == 300
+    with np.load(run / "source_data.npz") as f:  # 300 + 300 steps, the episodes in progress cut at the kill
+        assert f["obs"].shape == (600 + 2 * 2, 28) and f["episode_start"].tolist().count(0) == 151
+
+    # a conflicting flag or a damaged checkpoint: refused with a message, nothing run
+    proc = subprocess.run([sys.executable, str(REPO / "anoseqs.py"), "--resume", str(run), "--env-id",
+                           "SafetyPointGoal1"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--env-id: the run has 'SafetyPointCircle1', given 'SafetyPointGoal1'" in proc.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    data = (broken / "checkpoint.pt").read_bytes()
+    (broken / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    proc = subprocess.run([sys.executable, str(REPO / "anoseqs.py"), "--resume", str(broken)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "is truncated or corrupt" in proc.stderr and "Traceback" not in proc.stderr
+    shutil.rmtree(broken)
+
+    proc = run_script("anoseqs.py", "--resume", str(run), cwd=tmp_path)
+    assert f"resuming {run} at step 300 (stage 3; stages 1 and 2 are done)" in proc.stdout
+    assert "(--source-timesteps) (done); then stage 2: the detector" in proc.stdout  # the plan says what is done
+    assert "stage 1: TD3 in the source" not in proc.stdout and "detector step" not in proc.stdout  # not redone
+    final = read_state(run)
+    assert (final["stage"], final["stage_step"], final["step"]) == ("3", 600, 1200)
+    # an uninterrupted run's counters: critic updates at steps 202..600, one actor update per two; 600 transitions
+    assert final["td3"]["counters"]["updates"] == 200 and final["td3"]["counters"]["actor_updates"] == 100
+    assert final["td3"]["replay_buffer"]["size"] == 600 and final["td3"]["scorer"]["count"] == 600
+
+    scalars = read_scalars(run)
+    # one curve across the kills: the log lines every 200 steps, plus the first update after each resume (302)
+    assert [s for s, _ in scalars["source/charts/SPS"]] == [200, 302, 400, 600]
+    assert [s for s, _ in scalars["charts/SPS"]] == [200, 302, 400, 600]
+    assert [s for s, _ in scalars["charts/anomaly_threshold"]] == [0]
+    assert [s for s, _ in scalars["detector/charts/detector_roc_auc"]] == [5]
+    qf1, qf2 = first_update_losses(saved, final, num_envs=2, batch_size=16)
+    assert dict(scalars["losses/qf1_loss"])[302] == pytest.approx(qf1, rel=1e-5)
+    assert dict(scalars["losses/qf2_loss"])[302] == pytest.approx(qf2, rel=1e-5)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["total_steps"] == 600 and summary["eval_return"] is None and summary["train_episodes"] == 0
+
+
+def test_td3_lag_resumes_its_multiplier_and_refills_a_buffer_left_out(tmp_path):
+    """--no-checkpoint-buffer: the resumed run keeps the multiplier and counters, acts with its policy for
+    --learning-starts steps to refill the buffer, then updates again."""
+    args = ["--method", "td3-lag", "--lagrange-init", "0.7", *RESUME, "--no-checkpoint-buffer"]
+    run = run_until_killed("anoseqs.py", *args, cwd=tmp_path, after=1)
+    saved = read_state(run)
+    assert saved["td3"]["replay_buffer"] is None and saved["td3"]["counters"]["updates"] == 50
+    multiplier = saved["td3"]["counters"]["lagrange_multiplier"].item()
+    assert 0 < multiplier < 0.7
+    run_script("anoseqs.py", "--resume", str(run), cwd=tmp_path)
+    final = read_state(run)
+    assert final["td3"]["counters"]["updates"] == 50 + 50  # refilled at steps 302..500, updates at 502..600
+    logged = dict(read_scalars(run)["charts/lagrange_multiplier"])
+    # step 400: no update since the resume; step 502: the first update, a critic update (51 is odd): unchanged
+    assert logged[400] == pytest.approx(multiplier, rel=1e-6) and logged[502] == pytest.approx(multiplier, rel=1e-6)
+    assert sorted(logged) == [400, 502, 600]  # none at 200 and 302: no update yet
