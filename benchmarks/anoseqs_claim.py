@@ -78,6 +78,8 @@ def main() -> None:
                                       "--eval-episodes 3 --no-cuda",
                    help="flags passed to every run")
     p.add_argument("--phase", choices=["all", "source", "target"], default="all")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                   help="target-phase methods to run (default: all five)")
     p.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per run")
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args()
@@ -107,6 +109,8 @@ def main() -> None:
     if not a.report_only and a.phase in ("all", "target"):
         for seed in a.seeds:
             for method, flags in METHODS.items():
+                if method not in a.methods:
+                    continue
                 key = f"{method}/{seed}"
                 if key in index:
                     continue
