@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # conftest.read_scalars: TensorBoard scalars as TensorBoard shows them
 FINAL_METRICS = {  # summary.json key (over_limit derived) -> table heading
     "eval_return": "eval return",
     "eval_cost": "eval cost",
@@ -151,7 +152,6 @@ def episode_curves(run_dirs: list[str], tag: str, points: int = 50) -> tuple[np.
     """The runs' per-episode scalar `tag` on a common grid of env steps: (grid, (runs, points)). Each grid value is
     the mean of the episodes that ended in that cell, carried forward over cells where none ended; the grid starts
     where every run has finished an episode and ends at the shortest run's last episode."""
-    sys.path.insert(0, str(REPO / "tests"))
     from conftest import read_scalars
 
     series = []
@@ -207,8 +207,9 @@ def main(argv=None) -> str:
 
     runs = load_runs(b.directories)
     by_env: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    several_scripts = len({r["script"] for r in runs}) > 1  # then a method is named with its script
     for r in runs:
-        by_env[r["env_id"]][f"{r['script']}:{r['method']}" if len({x['script'] for x in runs}) > 1 else r["method"]].append(r)
+        by_env[r["env_id"]][f"{r['script']}:{r['method']}" if several_scripts else r["method"]].append(r)
     os.makedirs(os.path.dirname(os.path.abspath(b.out)), exist_ok=True)
     doc = [f"Runs read: {len(runs)} summary.json files under {', '.join(b.directories)}. IQM over the runs (seeds) "
            f"[95% stratified-bootstrap CI, {b.reps} resamples, rliable]."]

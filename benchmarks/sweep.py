@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # common/ for the env-id checks
 
 # script -> method -> the script's flags for it (the first method of each script is its paper's method, defaults)
 METHODS = {
@@ -73,7 +74,6 @@ METHODS = {
 
 def check_env_id(script: str, method_flags: list[str], env_id: str) -> None:
     """Refuse an env id the script would refuse, before any task starts (the script's own check, not a run)."""
-    sys.path.insert(0, str(REPO))
     if script == "psl":
         if env_id not in ("minecraft", "vizdoom"):
             raise SystemExit(f"error: --env-ids: psl runs on minecraft or vizdoom, not {env_id!r}")
