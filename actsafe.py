@@ -71,6 +71,7 @@ drawn pendulums (`draw_pendulum`); its summary.json's cost limit is 0 (no env st
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -239,8 +240,10 @@ class Args:
     """infeasible (slack <= 0): the actor's gradient is this times the gradient of -slack (the authors' backup_lr)"""
 
     # run-time
-    torch_threads: int = 1
-    """torch CPU threads (1: no contention with the software renderer, much faster on a busy CPU; 0: torch's default)"""
+    torch_threads: int | None = None
+    """torch CPU threads (None: 1 for the pixel variant, no contention with the software renderer, much faster on a
+    busy CPU; torch's default, every core, for --dynamics gp, whose planner is one batched computation; 0: torch's
+    default)"""
     compile: bool | None = None
     """torch.compile the update (None: on with CUDA, off on the CPU; see docs/actsafe.md for its effect on a CPU)"""
     cudagraphs: bool | None = None
@@ -866,6 +869,22 @@ def gp_plan_objective(gp: GPDynamics, x0: torch.Tensor, actions: torch.Tensor, e
     return value - args.gp_lambda * cost, value, cost
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS (its M_MMAP_THRESHOLD and
+    M_TRIM_THRESHOLD raised to 1 GiB, as the environment variables MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ would).
+    The planner allocates and frees MB-sized tensors about a hundred times per agent step; with glibc's defaults each
+    one is mapped, page-faulted in and unmapped again (a third of a run's CPU time, docs/actsafe_gp.md "Speed").
+    Memory use stays that of the largest temporaries. Does nothing where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, 1 << 30)
+
+
 def gp_speed_limit(args: Args) -> float:
     """The speed the planner keeps under: the env's limit minus the margin for the unseen repeated steps."""
     return SPEED_LIMIT - args.gp_speed_margin
@@ -983,7 +1002,7 @@ def validate_gp(args: Args) -> None:
                    "gp_iterations", "gp_horizon", "gp_noise_std", "gp_max_points", "gp_lr", "action_repeat")
     for name in ("gp_expansion_episodes", "gp_beta", "gp_lambda", "gp_speed_margin", "gp_fit_steps",
                  "eval_episodes", "torch_threads"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)!r}")
     if args.gp_elites > args.gp_samples:
         raise SystemExit(f"error: --gp-elites ({args.gp_elites}) must be <= --gp-samples ({args.gp_samples})")
@@ -1022,8 +1041,9 @@ def run_gp(args: Args, resumed: dict | None = None) -> None:
     checkpoint_every = env.spec.max_episode_steps if args.checkpoint_every is None else args.checkpoint_every
     seed_everything(args.seed, args.torch_deterministic)
     device = get_device(args.cuda)
-    if args.torch_threads > 0:
+    if args.torch_threads:  # None or 0: torch's default, every core (the planner is one batched computation)
         torch.set_num_threads(args.torch_threads)
+    keep_freed_memory()
     generator = torch.Generator(device).manual_seed(args.seed)
     env.reset(seed=args.seed)
     particles = args.gp_particles if args.gp_beta > 0 else 1
@@ -1260,8 +1280,9 @@ if __name__ == "__main__":
         logger = Logger(run_name, args)
     seed_everything(args.seed, args.torch_deterministic)
     device = get_device(args.cuda)
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
+    torch_threads = 1 if args.torch_threads is None else args.torch_threads
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
     compile_update, cudagraphs = resolve_speed_flags(args.compile, args.cudagraphs, device)
 
     # environments: 64x64 pixels from the robot's camera, whatever id the user typed

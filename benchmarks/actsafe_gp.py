@@ -13,17 +13,13 @@ It also plays reference episodes of the same planner (the task reward, the scrip
 dynamics, with and without the constraint: what a perfect model would reach.
 `--plot-only` redraws the figure and the table from results.json.
 
-The runs get MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ (glibc) of 1 GiB: without them glibc hands the
-planner's MB-sized temporary tensors back to the OS after every use and page-faults them in again (a default run
-without them: 125 s of its 354 s CPU were system time, 36 million minor page faults; docs/actsafe_gp.md, "Speed").
-Results do not depend on it.
+Each run uses torch's default number of threads (every core, the GP variant's default); runs go one after the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -52,8 +48,7 @@ def run_one(method: str, seed: int, workdir: Path, extra: list[str]) -> dict:
     flags = [*BASE, "--seed", str(seed), "--exp-name", method, *METHODS[method], *extra]
     print("python actsafe.py " + " ".join(flags), flush=True)
     before, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**30), MALLOC_TRIM_THRESHOLD_=str(2**30))
-    subprocess.run([sys.executable, str(REPO / "actsafe.py"), *flags], cwd=cwd, env=env, check=True)
+    subprocess.run([sys.executable, str(REPO / "actsafe.py"), *flags], cwd=cwd, check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     scalars = read_scalars(run_dirs(cwd)[-1])
     out = {key: [v for _, v in scalars[tag]] for key, tag in TAGS.items()}
