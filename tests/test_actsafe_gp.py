@@ -368,3 +368,20 @@ def test_kill_and_resume_is_the_uninterrupted_run(smoke_run, tmp_path):
     assert args.gp_episodes == 4 and args.dynamics == "gp" and args.gp_samples == 16
     with pytest.raises(SystemExit, match="--env-id: the run has 'SafePendulum', given 'SafetyCarGoal1'"):
         resume_run(Args(resume=str(run_dir), env_id="SafetyCarGoal1"), "actsafe", actsafe.MAY_CHANGE_ON_RESUME)
+
+
+def test_keep_freed_memory_reuses_freed_planner_sized_tensors():
+    """After `keep_freed_memory` (glibc), a freed 8 MiB tensor's memory is reused by the next one instead of being
+    unmapped and page-faulted in again (up to 2,048 minor faults per 8 MiB tensor with glibc's defaults)."""
+    import resource
+
+    def faults_of(n: int) -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(n):
+            torch.empty(2**20, dtype=torch.float64).fill_(1.0)  # 8 MiB, written, freed at once
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    actsafe.keep_freed_memory()
+    faults_of(2)  # the first one maps its pages
+    # measured on this machine's glibc 2.36: 2,048 faults for the 20 with it, 14,336 without it (a fresh process)
+    assert faults_of(20) < 2 * 2048
