@@ -1047,7 +1047,9 @@ def run_gp(args: Args, resumed: dict | None = None) -> None:
     generator = torch.Generator(device).manual_seed(args.seed)
     env.reset(seed=args.seed)
     particles = args.gp_particles if args.gp_beta > 0 else 1
-    print(f"plan: {args.gp_episodes} episodes of {env.spec.max_episode_steps} env steps on {device}, the first "
+    n = torch.get_num_threads()
+    threads = f" with {n} torch thread{'s' if n > 1 else ''}" if device.type == "cpu" else ""
+    print(f"plan: {args.gp_episodes} episodes of {env.spec.max_episode_steps} env steps on {device}{threads}, the first "
           f"{args.gp_expansion_episodes} for the intrinsic reward (expansion), then the swing-up; CEM {args.gp_samples} "
           f"samples x {particles} particle(s) (beta {args.gp_beta}), {args.gp_elites} elites, {args.gp_iterations} "
           f"iterations, horizon {args.gp_horizon}; penalty lambda {args.gp_lambda} on the max over particles of the "

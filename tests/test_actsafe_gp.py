@@ -295,7 +295,7 @@ def test_unknown_dynamics_on_the_command_line_is_a_message():
 SMOKE_FLAGS = ("--dynamics", "gp", "--env-id", "SafePendulum", "--gp-episodes", "2", "--gp-expansion-episodes", "1",
                "--gp-samples", "16", "--gp-elites", "4", "--gp-particles", "3", "--gp-iterations", "2", "--gp-horizon",
                "5", "--gp-offline-transitions", "30", "--gp-max-points", "40", "--gp-fit-steps", "5",
-               "--eval-episodes", "1", "--save-model", "--capture-video")
+               "--eval-episodes", "1", "--save-model", "--capture-video", "--torch-threads", "1")
 
 
 @pytest.fixture(scope="module")
@@ -355,6 +355,7 @@ def test_kill_and_resume_is_the_uninterrupted_run(smoke_run, tmp_path):
     assert state["step"] == 100 and state["episodes"] == 1 and len(state["inputs"]) == 30 + 50
     proc = run_script("actsafe.py", "--resume", str(run_dir), cwd=tmp_path)
     assert f"resuming {run_dir} at step 100 (episode 2 of 2, phase task)" in proc.stdout
+    assert "plan: 2 episodes of 100 env steps on cpu with 1 torch thread, the first 1 for" in proc.stdout
     resumed, reference = read_scalars(run_dir), read_scalars(smoke_run)
     for tag in ("charts/episodic_return", "charts/episodic_cost", "losses/gp_nmll", "charts/gp_rmse",
                 "charts/cost_rate", "eval/episodic_return", "eval/upright_fraction"):
