@@ -104,7 +104,7 @@ from common import (
 from common.capture import resolve_speed_flags, speed_up
 from common.checkpoint import RESUMABLE_CHANGES, Checkpointer, check_identity, resume_run, set_rng_state
 from common.envs import default_async
-from common.pendulum import DT, PENDULUM_IDS, SPEED_LIMIT, make_safe_pendulum, speed_cost, swing_up_reward
+from common.pendulum import DT, MAX_SPEED, PENDULUM_IDS, SPEED_LIMIT, make_safe_pendulum, speed_cost, swing_up_reward
 from common.rssm import RSSM, balanced_kl_loss
 from common.summary import write_summary
 from common.video import save_video, video_path
@@ -918,9 +918,9 @@ def draw_pendulum(obs: np.ndarray, size: int = 128) -> np.ndarray:
         row, col = int(centre - t * length * obs[0]), int(centre + t * length * obs[1])
         image[row - 1:row + 2, col - 1:col + 2] = (220, 30, 30) if over else (40, 70, 200)
     image[int(centre) - 3:int(centre) + 4, int(centre) - 3:int(centre) + 4] = 0  # the pivot
-    bar = int(min(abs(float(obs[2])) / 8.0, 1.0) * (size - 1))
+    bar = int(min(abs(float(obs[2])) / MAX_SPEED, 1.0) * (size - 1))
     image[size - 8:size - 2, :bar] = (220, 30, 30) if over else (120, 120, 120)
-    limit = int(SPEED_LIMIT / 8.0 * (size - 1))
+    limit = int(SPEED_LIMIT / MAX_SPEED * (size - 1))
     image[size - 10:size, limit] = 0
     return image
 
@@ -1211,7 +1211,7 @@ def validate(args: Args) -> None:
 # ---- resume (pixel variant): what a checkpoint holds, and how it is put back ----------------------------------------
 
 # flags a resumed run may change (common.checkpoint's list, the GP variant's length, and whether to record the videos)
-MAY_CHANGE_ON_RESUME = RESUMABLE_CHANGES + ("gp_episodes", "capture_video")
+MAY_CHANGE_ON_RESUME = RESUMABLE_CHANGES + ("gp_episodes",)
 
 
 def run_identity(args: Args, env_id: str) -> dict:

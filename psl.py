@@ -596,7 +596,6 @@ def run_gridworld(args: Args, logger: Logger, resumed: dict | None = None) -> di
 
     def checkpoint_state() -> dict:
         """What the next episodes depend on (the episodes in progress are left out)."""
-        logger.writer.flush()  # the curves up to the checkpoint are on disk before it is (a kill loses no stretch)
         return {"Q": Q, "U": U, "visited": visited, "fear": None if fear is None else (fear.danger, fear.safe),
                 "progression": progression.state_dict(), "episodes_done": episodes_done, "global_step": global_step,
                 "violations": (violations, violation_steps, sg_violations), "curves": curves,
@@ -1026,7 +1025,6 @@ def run_vizdoom(args: Args, logger: Logger, resumed: dict | None = None) -> dict
 
     def checkpoint_state() -> dict:
         """Networks, optimisers, progression, counters; the fear memory unless --no-checkpoint-buffer."""
-        logger.writer.flush()  # the curves up to the checkpoint are on disk before it is (a kill loses no stretch)
         memory = None
         if fear_net is not None and args.checkpoint_buffer:
             memories = (("danger", danger_mem), ("safe", safe_mem))
@@ -1224,7 +1222,7 @@ def run_vizdoom(args: Args, logger: Logger, resumed: dict | None = None) -> dict
 
 METHODS = ("psl", "zero-shot", "intrinsic-fear", "baseline")
 # flags a resumed run may change: the common ones, the gridworld's budget, and what is recorded (not what is computed)
-MAY_CHANGE_ON_RESUME = RESUMABLE_CHANGES + ("total_episodes", "capture_video", "save_model")
+MAY_CHANGE_ON_RESUME = RESUMABLE_CHANGES + ("total_episodes",)
 
 
 def check_args(args: Args) -> None:

@@ -787,7 +787,6 @@ def checkpoint_state(stage: str, agent: SACLagrangian, buffers: dict, logger: Lo
     optimisers), its replay buffers (unless --no-checkpoint-buffer), its logger's counters, and `extra` (episode
     counters, generators, the frozen guide in the student stage). `Checkpointer.save` adds the step, args and RNGs."""
     kept = {k: b.state_dict() for k, b in buffers.items() if b is not None} if args.checkpoint_buffer else None
-    logger.writer.flush()  # the curves up to this step are on disk before the checkpoint that says they are
     return {"stage": stage, "agent": agent.state_dict(), "buffers": kept, "logger": logger.state_dict(), **extra}
 
 

@@ -52,7 +52,8 @@ def test_curve_estimates_pointwise():
     curves = np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 4.0], [0.0, 1.0, 6.0], [0.0, 1.0, 8.0]])
     mid, low, high = plot.curve_estimates(curves, reps=2000)
     np.testing.assert_allclose(mid, [0.0, 1.0, 5.0])  # 4 runs: IQM of the middle two at each point
-    np.testing.assert_allclose(low[:2], [0.0, 1.0]) and np.testing.assert_allclose(high[:2], [0.0, 1.0])
+    np.testing.assert_allclose(low[:2], [0.0, 1.0])
+    np.testing.assert_allclose(high[:2], [0.0, 1.0])
     assert 2.0 <= low[2] < 5.0 < high[2] <= 8.0
 
 
